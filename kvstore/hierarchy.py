@@ -1,0 +1,556 @@
+"""The block index and the movement of blocks between tiers.
+
+The :class:`Hierarchy` is the daemon's one source of truth about blocks: which
+keys exist, in which tiers their bytes are, who pins them, and which are still
+being written.  It is synchronous and single-threaded by contract (the daemon
+calls it from its event loop; the trace replay calls it directly), which keeps
+every invariant checkable without locks:
+
+* Tail-first: a block leaves tier ``t`` only while none of its children sits in
+  ``t`` or a faster tier, so a cached prefix never loses its head first.
+* Eviction from tier ``t`` demotes to ``t + 1`` (write-back) unless the next
+  tier's admission says no; a block with children is always demoted.
+* Pinned (acquired) and pending (allocated, uncommitted) blocks never move.
+* Out of space is a value (``None`` / a status), never an exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from kvstore.entry import PENDING, READY, BlockEntry
+from kvstore.policies import ADMISSIONS, POLICIES, AdmissionPolicy, EvictionPolicy
+from kvstore.tiers.base import ChecksumMismatch, Handle, Tier, TierIOError
+
+
+class Status(IntEnum):
+    """Per-key outcome of a batch verb (mirrors ``KeyStatus`` in the proto)."""
+
+    OK = 0
+    NEW = 1
+    PRESENT = 2
+    IN_PROGRESS = 3
+    NOT_FOUND = 4
+    NOT_OWNER = 5
+    ALREADY_COMMITTED = 6
+    NO_SPACE = 7
+    PINNED = 8
+    HAS_CHILDREN = 9
+    CHECKSUM_MISMATCH = 10
+    BAD_SIZE = 11
+
+
+@dataclass(slots=True)
+class Level:
+    """One tier of the hierarchy with its policy and admission."""
+
+    tier: Tier
+    policy: EvictionPolicy
+    admission: AdmissionPolicy
+
+    @classmethod
+    def build(
+        cls, tier: Tier, policy: str = "lru", admission: str = "always", block_hint: int = 1 << 20
+    ) -> Level:
+        """Builds a level from registered names; ``block_hint`` is a typical block size."""
+        blocks = max(1, tier.capacity_bytes // max(1, block_hint))
+        return cls(tier, POLICIES.get(policy)(blocks), ADMISSIONS.get(admission)(blocks))
+
+
+@dataclass(slots=True)
+class Counters:
+    """Monotonic counters; the metrics module exports them."""
+
+    lookups: int = 0
+    lookup_blocks: int = 0
+    lookup_hit_blocks: int = 0
+    allocations: int = 0
+    dedup_present: int = 0
+    commits: int = 0
+    aborts: int = 0
+    acquires: int = 0
+    promotions: int = 0
+    demotions: int = 0
+    dropped: int = 0
+    deleted: int = 0
+    checksum_failures: int = 0
+    io_errors: int = 0
+    no_space: int = 0
+    hits_by_tier: list[int] = field(default_factory=list)
+    evictions_by_tier: list[int] = field(default_factory=list)
+
+
+class Hierarchy:
+    """Index of blocks over an ordered list of tiers (fastest first).
+
+    Args:
+        levels: the tiers, fastest first.
+        write_level: index of the tier where new blocks are allocated and into which
+            ``acquire`` promotes (the host-mapped DRAM arena in the daemon).
+    """
+
+    def __init__(self, levels: Sequence[Level], write_level: int = 0) -> None:
+        if not levels:
+            raise ValueError("a hierarchy needs at least one tier")
+        self.levels = list(levels)
+        self.n = len(self.levels)
+        self.write_level = write_level
+        self.index: dict[bytes, BlockEntry] = {}
+        self.clock = 0
+        self.counters = Counters(hits_by_tier=[0] * self.n, evictions_by_tier=[0] * self.n)
+
+    # ------------------------------------------------------------------ queries
+    def get(self, key: bytes) -> BlockEntry | None:
+        return self.index.get(key)
+
+    def lookup(self, keys: Sequence[bytes]) -> list[BlockEntry]:
+        """The longest prefix of ``keys`` that is committed, as entries (no pinning)."""
+        c = self.counters
+        c.lookups += 1
+        c.lookup_blocks += len(keys)
+        out: list[BlockEntry] = []
+        index = self.index
+        for k in keys:
+            e = index.get(k)
+            if e is None or e.state != READY:
+                break
+            out.append(e)
+        c.lookup_hit_blocks += len(out)
+        for e in out:
+            c.hits_by_tier[e.top] += 1
+            for lv in self.levels:
+                lv.admission.on_reference(e)
+        return out
+
+    # ------------------------------------------------------------------ writes
+    def allocate(
+        self,
+        owner: int,
+        ns: bytes,
+        nbytes: int,
+        parent_key: bytes | None,
+        keys: Sequence[bytes],
+        first_depth: int = 0,
+    ) -> tuple[list[Status], list[BlockEntry | None]]:
+        """Reserve write-tier room for the keys of one chain that are not present.
+
+        ``keys`` is a chain: the parent of ``keys[i]`` is ``keys[i-1]``, the parent of
+        ``keys[0]`` is ``parent_key`` (``None`` or unknown: a root at ``first_depth``).
+        All-or-nothing: when room for every new key cannot be made, nothing is
+        reserved and every new key is reported ``NO_SPACE``.
+
+        Returns:
+            Per-key statuses (``NEW``, ``PRESENT``, ``IN_PROGRESS``, ``NO_SPACE``) and
+            the entries (the new pending entries, or the existing ones).
+        """
+        statuses: list[Status] = []
+        entries: list[BlockEntry | None] = []
+        created: list[BlockEntry] = []
+        w = self.write_level
+        parent = self.index.get(parent_key) if parent_key else None
+        depth = parent.depth + 1 if parent is not None else first_depth
+        for k in keys:
+            e = self.index.get(k)
+            if e is not None:
+                statuses.append(Status.PRESENT if e.state == READY else Status.IN_PROGRESS)
+                entries.append(e)
+                if e.state == READY:
+                    self.counters.dedup_present += 1
+                parent, depth = e, e.depth + 1
+                continue
+            e = BlockEntry(
+                key=k,
+                ns=ns,
+                nbytes=nbytes,
+                parent=parent,
+                depth=depth,
+                locs=[None] * self.n,
+                kid_tops=[0] * self.n,
+                owner=owner,
+            )
+            # Link first so the parent is protected while we make room for the child.
+            self.index[k] = e
+            self._link(e)
+            h = self._make_room(w, nbytes, e)
+            if h is None:
+                self._forget(e)
+                for c in reversed(created):
+                    self._abort_one(c)
+                self.counters.aborts -= len(created)
+                self.counters.no_space += 1
+                statuses += [Status.NEW] * (len(keys) - len(statuses))
+                entries += [None] * (len(keys) - len(entries))
+                return [Status.NO_SPACE if s == Status.NEW else s for s in statuses], [
+                    None if s == Status.NEW else x for s, x in zip(statuses, entries, strict=True)
+                ]
+            self._set_loc(e, w, h)
+            created.append(e)
+            statuses.append(Status.NEW)
+            entries.append(e)
+            parent, depth = e, depth + 1
+        for e in entries:
+            if e is not None:
+                for lv in self.levels:
+                    lv.admission.on_reference(e)
+        self.counters.allocations += len(created)
+        return statuses, entries
+
+    def commit(self, owner: int, keys: Sequence[bytes], checksums: Sequence[int]) -> list[Status]:
+        """Make pending blocks of ``owner`` visible to readers."""
+        out: list[Status] = []
+        w = self.write_level
+        for i, k in enumerate(keys):
+            e = self.index.get(k)
+            if e is None:
+                out.append(Status.NOT_FOUND)
+            elif e.state == READY:
+                out.append(Status.ALREADY_COMMITTED)
+            elif e.owner != owner:
+                out.append(Status.NOT_OWNER)
+            else:
+                e.state = READY
+                e.owner = 0
+                e.checksum = int(checksums[i]) if i < len(checksums) else 0
+                self.clock += 1
+                e.last_access = self.clock
+                self.levels[w].policy.on_insert(e)
+                self.counters.commits += 1
+                out.append(Status.OK)
+        return out
+
+    def abort(self, owner: int, keys: Iterable[bytes]) -> int:
+        """Drop pending blocks of ``owner`` (a session that ended before committing)."""
+        n = 0
+        for k in keys:
+            e = self.index.get(k)
+            if e is not None and e.state == PENDING and e.owner == owner:
+                self._abort_one(e)
+                n += 1
+        return n
+
+    def _abort_one(self, e: BlockEntry) -> None:
+        for t in range(self.n):
+            h = e.locs[t]
+            if h is not None:
+                self.levels[t].tier.free(h)
+                e.locs[t] = None
+        self._set_top(e, -1)
+        self._forget(e)
+        self.counters.aborts += 1
+
+    # ------------------------------------------------------------------ reads
+    def acquire(
+        self, keys: Sequence[bytes], target: int | None = None
+    ) -> tuple[list[Status], list[BlockEntry | None]]:
+        """Pin committed blocks and promote them into ``target`` (the write tier).
+
+        Entries are touched tail first so that a parent stays more recent than its
+        children.  A block whose bytes fail their checksum is forgotten and reported
+        ``CHECKSUM_MISMATCH`` (a miss, never wrong bytes).
+        """
+        t_to = self.write_level if target is None else target
+        statuses: list[Status] = []
+        entries: list[BlockEntry | None] = []
+        for k in keys:
+            e = self.index.get(k)
+            if e is None or e.state != READY:
+                statuses.append(Status.NOT_FOUND)
+                entries.append(None)
+                continue
+            e.pins += 1
+            st = self._promote(e, t_to) if e.top != t_to else Status.OK
+            if st != Status.OK:
+                e.pins -= 1
+                statuses.append(st)
+                entries.append(None)
+                continue
+            statuses.append(Status.OK)
+            entries.append(e)
+        self.clock += 1
+        now = self.clock
+        for e in reversed(entries):
+            if e is not None:
+                e.hits += 1
+                e.last_access = now
+                self.levels[e.top].policy.on_access(e)
+        self.counters.acquires += len(keys)
+        return statuses, entries
+
+    def release(self, entries: Iterable[BlockEntry]) -> None:
+        for e in entries:
+            if e.pins <= 0:
+                raise AssertionError(f"release of unpinned block {e.key.hex()[:16]}")
+            e.pins -= 1
+
+    def touch(self, entries: Sequence[BlockEntry]) -> None:
+        """Record a use of resident entries (tail first) without pinning them."""
+        self.clock += 1
+        now = self.clock
+        for e in reversed(entries):
+            e.hits += 1
+            e.last_access = now
+            self.levels[e.top].policy.on_access(e)
+
+    def delete(self, keys: Sequence[bytes]) -> list[Status]:
+        """Remove committed, unpinned blocks that have no cached children.
+
+        Deepest first, so deleting a whole chain in one call works in any order.
+        """
+        order = sorted(
+            range(len(keys)),
+            key=lambda i: -(e.depth if (e := self.index.get(keys[i])) else -1),
+        )
+        out = [Status.OK] * len(keys)
+        for i in order:
+            e = self.index.get(keys[i])
+            if e is None:
+                out[i] = Status.NOT_FOUND
+            elif e.state != READY:
+                out[i] = Status.IN_PROGRESS
+            elif e.pins:
+                out[i] = Status.PINNED
+            elif e.children:
+                out[i] = Status.HAS_CHILDREN
+            else:
+                self._drop_all(e)
+                self.counters.deleted += 1
+        return out
+
+    # ------------------------------------------------------------------ movement
+    def evictable(self, e: BlockEntry, t: int) -> bool:
+        """Whether ``e`` may leave tier ``t`` now."""
+        if e.state != READY or e.pins:
+            return False
+        if e.top < t:  # a faster copy exists: dropping this one loses nothing
+            return True
+        kt = e.kid_tops
+        for u in range(t + 1):
+            if kt[u]:
+                return False
+        return True
+
+    def _make_room(self, t: int, nbytes: int, e: BlockEntry) -> Handle | None:
+        """Reserve room in tier ``t``, evicting by policy; ``None`` when impossible."""
+        lv = self.levels[t]
+        if lv.tier.degraded:
+            return None
+        h = lv.tier.reserve(nbytes, e)
+        if h is not None:
+            return h
+        skip: set[BlockEntry] = set()
+
+        def ok(v: BlockEntry) -> bool:
+            return v not in skip and self.evictable(v, t)
+
+        while h is None:
+            victims = lv.policy.victims(4, ok)
+            if not victims:
+                return None
+            for v in victims:
+                if not self._evict(v, t):
+                    skip.add(v)
+            h = lv.tier.reserve(nbytes, e)
+        return h
+
+    def _evict(self, v: BlockEntry, t: int) -> bool:
+        """Move ``v`` out of tier ``t`` (demote or drop).  False if it must stay."""
+        has_lower = any(v.locs[u] is not None for u in range(t + 1, self.n))
+        if v.top == t and not has_lower:
+            nxt = t + 1
+            must_keep = bool(v.children)
+            demoted = False
+            if nxt < self.n and (must_keep or self.levels[nxt].admission.admit(v)):
+                demoted = self._copy_down(v, t, nxt)
+            if not demoted and must_keep:
+                return False
+        self.counters.evictions_by_tier[t] += 1
+        self._remove_copy(v, t)
+        if v.top == -1:
+            self._forget(v)
+            self.counters.dropped += 1
+        return True
+
+    def _copy_down(self, v: BlockEntry, t: int, nxt: int) -> bool:
+        h2 = self._make_room(nxt, v.nbytes, v)
+        if h2 is None:
+            return False
+        src_t, dst_t = self.levels[t].tier, self.levels[nxt].tier
+        try:
+            self._copy(v, src_t, v.locs[t], dst_t, h2)
+        except (ChecksumMismatch, TierIOError) as exc:
+            dst_t.free(h2)
+            self._note_io_error(exc)
+            return False
+        v.locs[nxt] = h2
+        self.levels[nxt].policy.on_insert(v)
+        self.counters.demotions += 1
+        return True
+
+    def _promote(self, e: BlockEntry, t_to: int) -> Status:
+        src = e.top
+        h = self._make_room(t_to, e.nbytes, e)
+        if h is None:
+            self.counters.no_space += 1
+            return Status.NO_SPACE
+        dst_t, src_t = self.levels[t_to].tier, self.levels[src].tier
+        try:
+            self._copy(e, src_t, e.locs[src], dst_t, h)
+        except ChecksumMismatch as exc:
+            dst_t.free(h)
+            self._note_io_error(exc)
+            self._remove_copy(e, src)
+            if e.top == -1:
+                self._forget(e)
+            return Status.CHECKSUM_MISMATCH
+        except TierIOError as exc:
+            dst_t.free(h)
+            self._note_io_error(exc)
+            return Status.NOT_FOUND
+        self._set_loc(e, t_to, h)
+        self.levels[t_to].policy.on_insert(e)
+        self.counters.promotions += 1
+        return Status.OK
+
+    @staticmethod
+    def _copy(e: BlockEntry, src_t: Tier, hs: Handle, dst_t: Tier, hd: Handle) -> None:
+        if not (src_t.stores_bytes and dst_t.stores_bytes):
+            dst_t.write(hd, e, None)
+        elif dst_t.host_mapped:
+            src_t.read_into(hs, e, dst_t.view(hd))
+        elif src_t.host_mapped:
+            dst_t.write(hd, e, src_t.view(hs))
+        else:
+            buf = memoryview(bytearray(e.nbytes))
+            src_t.read_into(hs, e, buf)
+            dst_t.write(hd, e, buf)
+
+    def _note_io_error(self, exc: Exception) -> None:
+        if isinstance(exc, ChecksumMismatch):
+            self.counters.checksum_failures += 1
+        else:
+            self.counters.io_errors += 1
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _set_loc(self, e: BlockEntry, t: int, h: Handle) -> None:
+        e.locs[t] = h
+        if e.top == -1 or t < e.top:
+            self._set_top(e, t)
+
+    def _remove_copy(self, e: BlockEntry, t: int) -> None:
+        h = e.locs[t]
+        if h is None:
+            return
+        e.locs[t] = None
+        if e.state == READY:
+            self.levels[t].policy.on_remove(e)
+        self.levels[t].tier.free(h)
+        if e.top == t:
+            new = -1
+            for u in range(t + 1, self.n):
+                if e.locs[u] is not None:
+                    new = u
+                    break
+            self._set_top(e, new)
+
+    def _set_top(self, e: BlockEntry, new: int) -> None:
+        old = e.top
+        if old == new:
+            return
+        e.top = new
+        p = e.parent
+        if p is not None:
+            if old >= 0:
+                p.kid_tops[old] -= 1
+            if new >= 0:
+                p.kid_tops[new] += 1
+
+    def _link(self, e: BlockEntry) -> None:
+        p = e.parent
+        if p is not None:
+            if p.children is None:
+                p.children = set()
+            p.children.add(e)
+
+    def _unlink(self, e: BlockEntry) -> None:
+        p = e.parent
+        if p is not None and p.children is not None:
+            p.children.discard(e)
+            if e.top >= 0:
+                p.kid_tops[e.top] -= 1
+
+    def _forget(self, e: BlockEntry) -> None:
+        """Remove ``e`` from the index (no copies left).  Orphans its children."""
+        self._unlink(e)
+        e.parent = None
+        if e.children:
+            for c in e.children:
+                c.parent = None
+            e.children = None
+        if self.index.get(e.key) is e:
+            del self.index[e.key]
+
+    def _drop_all(self, e: BlockEntry) -> None:
+        for t in range(self.n):
+            self._remove_copy(e, t)
+        self._forget(e)
+
+    # ------------------------------------------------------------------ lifecycle
+    def recover(self) -> int:
+        """Rebuild entries from persistent tiers (after a restart).  Returns the count."""
+        n = 0
+        for t, lv in enumerate(self.levels):
+            if not lv.tier.persistent:
+                continue
+            found = sorted(lv.tier.recover(), key=lambda r: r.depth)
+            for rb in found:
+                e = self.index.get(rb.key)
+                if e is None:
+                    parent = self.index.get(rb.parent) if rb.parent else None
+                    e = BlockEntry(
+                        key=rb.key,
+                        ns=rb.ns,
+                        nbytes=rb.nbytes,
+                        parent=parent,
+                        depth=rb.depth,
+                        locs=[None] * self.n,
+                        kid_tops=[0] * self.n,
+                        state=READY,
+                        checksum=rb.checksum,
+                    )
+                    self.index[rb.key] = e
+                    self._link(e)
+                    n += 1
+                if e.locs[t] is None:
+                    self._set_loc(e, t, rb.handle)
+                    lv.policy.on_insert(e)
+        return n
+
+    def persist_all(self) -> int:
+        """Copy every committed block that lives only in volatile tiers down to the first
+        persistent tier (``--persist-on-shutdown``).  Returns how many were written."""
+        pt = next((t for t, lv in enumerate(self.levels) if lv.tier.persistent), None)
+        if pt is None:
+            return 0
+        n = 0
+        for e in sorted(self.index.values(), key=lambda x: x.depth):
+            if e.state != READY or e.locs[pt] is not None or e.top < 0 or e.top > pt:
+                continue
+            if self._copy_down(e, e.top, pt):
+                n += 1
+        return n
+
+    def resident_blocks(self, t: int) -> int:
+        return len(self.levels[t].policy)
+
+    def stats(self) -> dict[str, object]:
+        c = self.counters
+        return {
+            "blocks": len(self.index),
+            "counters": {k: getattr(c, k) for k in c.__slots__},  # type: ignore[attr-defined]
+            "tiers": [
+                {**lv.tier.stats(), "blocks": len(lv.policy), "policy": lv.policy.name}
+                for lv in self.levels
+            ],
+        }

@@ -1,0 +1,99 @@
+"""Eviction and admission policy protocols.
+
+Mechanism and policy apart: a tier stores bytes and knows its capacity; a policy
+only orders the blocks of one tier and names victims.  A policy owns no storage
+and no metrics, and naming victims changes nothing until the hierarchy removes
+them (then it calls :meth:`EvictionPolicy.on_remove`).
+
+Thread contract: every method is called from the one thread that owns the
+hierarchy (the daemon's event loop, or the trace replay); policies take no locks.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
+
+from kvstore.registry import Registry
+
+if TYPE_CHECKING:
+    from kvstore.entry import BlockEntry
+
+
+class EvictionPolicy(ABC):
+    """Orders the blocks resident in one tier and names victims.
+
+    Args:
+        capacity_blocks: a hint of how many blocks the tier holds (for policies
+            that size queues or ghost lists); policies must work for any value.
+
+    Policies may read an entry's public fields (``depth``, ``parent``,
+    ``n_children``, ``hits``, ``last_access``, ``nbytes``) but never write them.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, capacity_blocks: int) -> None:
+        self.capacity_blocks = max(1, int(capacity_blocks))
+
+    @abstractmethod
+    def on_insert(self, entry: BlockEntry) -> None:
+        """``entry`` became resident in this tier."""
+
+    @abstractmethod
+    def on_access(self, entry: BlockEntry) -> None:
+        """``entry`` (resident) was hit by a lookup/acquire."""
+
+    @abstractmethod
+    def on_remove(self, entry: BlockEntry) -> None:
+        """``entry`` left this tier (evicted, demoted, deleted).  Must be idempotent-safe:
+        called exactly once per resident entry."""
+
+    @abstractmethod
+    def victims(self, n: int, evictable: Callable[[BlockEntry], bool]) -> list[BlockEntry]:
+        """Up to ``n`` resident entries to evict, best victim first.
+
+        Only entries for which ``evictable(entry)`` is true may be named (pinned
+        blocks and parents of resident children are not).  Must not change which
+        entries are resident; may update internal bookkeeping (e.g. CLOCK bits).
+        Returns fewer than ``n`` (possibly none) when no more are evictable.
+        """
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of entries the policy tracks as resident."""
+
+
+class AdmissionPolicy(ABC):
+    """Decides whether a block demoted from the tier above is written to this tier.
+
+    A rejected block is dropped from the hierarchy instead (unless other blocks
+    depend on it, then it is admitted regardless).
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, capacity_blocks: int) -> None:
+        self.capacity_blocks = max(1, int(capacity_blocks))
+
+    @abstractmethod
+    def admit(self, entry: BlockEntry) -> bool:
+        """Whether ``entry`` may enter this tier."""
+
+    def on_reference(self, entry: BlockEntry) -> None:  # noqa: B027 - optional hook
+        """Called whenever ``entry`` is referenced (looked up or written) anywhere."""
+
+
+POLICIES: Registry[type[EvictionPolicy]] = Registry("eviction policy")
+ADMISSIONS: Registry[type[AdmissionPolicy]] = Registry("admission policy")
+
+
+@ADMISSIONS.register("always")
+class AlwaysAdmit(AdmissionPolicy):
+    """Admit every block."""
+
+    name = "always"
+
+    def admit(self, entry: BlockEntry) -> bool:
+        return True

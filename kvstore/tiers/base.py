@@ -1,0 +1,159 @@
+"""The storage-tier protocol.
+
+A tier holds block bytes and knows its capacity; it knows nothing of policy.
+The hierarchy asks a tier to ``reserve`` room for one block, moves bytes in with
+``write`` (or lets a client write in place, for host-mapped tiers), reads them
+out with ``read_into`` and gives the room back with ``free``.
+
+Thread contract: ``reserve``, ``write``, ``free``, ``view`` and ``read_into`` are
+called from the thread that owns the hierarchy.  A tier may do its I/O on its own
+threads (the NVMe tier writes through a bounded queue) as long as a
+``read_into`` issued after a ``write`` returns the written bytes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from kvstore.registry import Registry
+
+if TYPE_CHECKING:
+    from kvstore.entry import BlockEntry
+
+Handle = Any
+"""Opaque per-tier location of one block's bytes."""
+
+
+class ChecksumMismatch(Exception):
+    """Bytes read back do not match the checksum they were committed with."""
+
+
+class TierIOError(Exception):
+    """The tier could not complete an I/O (disk full, EIO); the tier marks itself degraded."""
+
+
+@dataclass(slots=True, frozen=True)
+class RecoveredBlock:
+    """A block found in a persistent tier at start-up."""
+
+    key: bytes
+    ns: bytes
+    parent: bytes | None
+    depth: int
+    nbytes: int
+    checksum: int
+    handle: Handle
+
+
+class Tier(ABC):
+    """A place that holds block bytes with a capacity.
+
+    Attributes:
+        name: the tier's name in the config (``"dram"``, ``"nvme"`` ...).
+        kind: backend kind (registered name in :data:`TIERS`).
+        host_mapped: clients read and write its bytes in place (shared-memory arena).
+        stores_bytes: ``False`` only for the byte-less tier used by trace replay.
+        persistent: its blocks survive a restart (offered back by :meth:`recover`).
+    """
+
+    kind: ClassVar[str] = ""
+    host_mapped: ClassVar[bool] = False
+    stores_bytes: ClassVar[bool] = True
+    persistent: ClassVar[bool] = False
+
+    def __init__(self, name: str, capacity_bytes: int) -> None:
+        self.name = name
+        self.capacity_bytes = int(capacity_bytes)
+        self.degraded: str | None = None
+
+    @property
+    @abstractmethod
+    def used_bytes(self) -> int:
+        """Bytes reserved for blocks now."""
+
+    @abstractmethod
+    def reserve(self, nbytes: int, entry: BlockEntry) -> Handle | None:
+        """Room for one block of ``nbytes``, or ``None`` when full (caller evicts, retries).
+
+        Raises:
+            ValueError: ``nbytes`` can never fit in this tier.
+        """
+
+    @abstractmethod
+    def write(self, handle: Handle, entry: BlockEntry, src: memoryview | None) -> None:
+        """Store the block's bytes at ``handle`` (``src`` is ``None`` for byte-less tiers)."""
+
+    @abstractmethod
+    def read_into(self, handle: Handle, entry: BlockEntry, dst: memoryview | None) -> None:
+        """Copy the block's bytes into ``dst``.
+
+        Raises:
+            ChecksumMismatch: the stored bytes fail ``entry.checksum``.
+            TierIOError: the read failed.
+        """
+
+    @abstractmethod
+    def free(self, handle: Handle) -> None:
+        """Give the room of ``handle`` back."""
+
+    def view(self, handle: Handle) -> memoryview:
+        """The bytes of ``handle`` in place (host-mapped tiers only)."""
+        raise NotImplementedError(f"tier {self.name!r} is not host-mapped")
+
+    def recover(self) -> Iterable[RecoveredBlock]:
+        """Blocks that survived a restart (persistent tiers)."""
+        return ()
+
+    def flush(self) -> None:  # noqa: B027 - optional hook
+        """Block until every write issued so far is durable."""
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "capacity_bytes": self.capacity_bytes,
+            "used_bytes": self.used_bytes,
+            "degraded": self.degraded or "",
+        }
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources; flushes pending writes."""
+
+
+TIERS: Registry[type[Tier]] = Registry("tier kind")
+
+
+@TIERS.register("null")
+class NullTier(Tier):
+    """Byte-less tier: capacity accounting only.  Used by the trace replay."""
+
+    kind = "null"
+    stores_bytes = False
+
+    def __init__(self, name: str, capacity_bytes: int) -> None:
+        super().__init__(name, capacity_bytes)
+        self._used = 0
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def reserve(self, nbytes: int, entry: BlockEntry) -> Handle | None:
+        if nbytes > self.capacity_bytes:
+            raise ValueError(f"block of {nbytes} B exceeds tier {self.name!r} capacity")
+        if self._used + nbytes > self.capacity_bytes:
+            return None
+        self._used += nbytes
+        return nbytes
+
+    def write(self, handle: Handle, entry: BlockEntry, src: memoryview | None) -> None:
+        pass
+
+    def read_into(self, handle: Handle, entry: BlockEntry, dst: memoryview | None) -> None:
+        pass
+
+    def free(self, handle: Handle) -> None:
+        self._used -= handle
