@@ -16,8 +16,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from kvstore.config import ConfigError, TierConfig
 from kvstore.registry import Registry
 
 if TYPE_CHECKING:
@@ -68,6 +70,19 @@ class Tier(ABC):
         self.name = name
         self.capacity_bytes = int(capacity_bytes)
         self.degraded: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg: TierConfig, data_dir: Path) -> Tier:
+        """Builds the tier from its config entry; validates ``cfg.options``.
+
+        Raises:
+            kvstore.config.ConfigError: an invalid option, naming it.
+        """
+        if cfg.options:
+            raise ConfigError(
+                f"tier {cfg.name!r}: kind {cls.kind!r} takes no options, got {sorted(cfg.options)}"
+            )
+        return cls(cfg.name, cfg.capacity)
 
     @property
     @abstractmethod
