@@ -294,3 +294,131 @@ class StatsResponse(_message.Message):
     JSON_FIELD_NUMBER: _ClassVar[int]
     json: str
     def __init__(self, json: _Optional[str] = ...) -> None: ...
+
+class ModelTensor(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "offset", "nbytes", "checksum")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    nbytes: int
+    checksum: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
+
+class LoadModelRequest(_message.Message):
+    __slots__ = ("session_id", "name", "no_pin")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NO_PIN_FIELD_NUMBER: _ClassVar[int]
+    session_id: int
+    name: str
+    no_pin: bool
+    def __init__(self, session_id: _Optional[int] = ..., name: _Optional[str] = ..., no_pin: _Optional[bool] = ...) -> None: ...
+
+class LoadModelResponse(_message.Message):
+    __slots__ = ("name", "uid", "shm_path", "shm_offset", "nbytes", "tensors", "was_resident", "load_seconds", "direct_io")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    SHM_PATH_FIELD_NUMBER: _ClassVar[int]
+    SHM_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    WAS_RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_IO_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    uid: str
+    shm_path: str
+    shm_offset: int
+    nbytes: int
+    tensors: _containers.RepeatedCompositeFieldContainer[ModelTensor]
+    was_resident: bool
+    load_seconds: float
+    direct_io: bool
+    def __init__(self, name: _Optional[str] = ..., uid: _Optional[str] = ..., shm_path: _Optional[str] = ..., shm_offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[ModelTensor, _Mapping]]] = ..., was_resident: _Optional[bool] = ..., load_seconds: _Optional[float] = ..., direct_io: _Optional[bool] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "nbytes", "tensor_bytes", "num_tensors", "state", "pins", "source")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PINS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    nbytes: int
+    tensor_bytes: int
+    num_tensors: int
+    state: str
+    pins: int
+    source: str
+    def __init__(self, name: _Optional[str] = ..., nbytes: _Optional[int] = ..., tensor_bytes: _Optional[int] = ..., num_tensors: _Optional[int] = ..., state: _Optional[str] = ..., pins: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models", "dram_budget", "dram_used")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    DRAM_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    DRAM_USED_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    dram_budget: int
+    dram_used: int
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., dram_budget: _Optional[int] = ..., dram_used: _Optional[int] = ...) -> None: ...
+
+class SwapModelsRequest(_message.Message):
+    __slots__ = ("session_id", "old_name", "new_name")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    OLD_NAME_FIELD_NUMBER: _ClassVar[int]
+    NEW_NAME_FIELD_NUMBER: _ClassVar[int]
+    session_id: int
+    old_name: str
+    new_name: str
+    def __init__(self, session_id: _Optional[int] = ..., old_name: _Optional[str] = ..., new_name: _Optional[str] = ...) -> None: ...
+
+class SwapModelsResponse(_message.Message):
+    __slots__ = ("model", "released_pins")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_PINS_FIELD_NUMBER: _ClassVar[int]
+    model: LoadModelResponse
+    released_pins: int
+    def __init__(self, model: _Optional[_Union[LoadModelResponse, _Mapping]] = ..., released_pins: _Optional[int] = ...) -> None: ...
+
+class PrefetchModelRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class PrefetchModelResponse(_message.Message):
+    __slots__ = ("state",)
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    def __init__(self, state: _Optional[str] = ...) -> None: ...
+
+class ReleaseModelRequest(_message.Message):
+    __slots__ = ("session_id", "name", "evict")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EVICT_FIELD_NUMBER: _ClassVar[int]
+    session_id: int
+    name: str
+    evict: bool
+    def __init__(self, session_id: _Optional[int] = ..., name: _Optional[str] = ..., evict: _Optional[bool] = ...) -> None: ...
+
+class ReleaseModelResponse(_message.Message):
+    __slots__ = ("released_pins", "evicted")
+    RELEASED_PINS_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
+    released_pins: int
+    evicted: bool
+    def __init__(self, released_pins: _Optional[int] = ..., evicted: _Optional[bool] = ...) -> None: ...

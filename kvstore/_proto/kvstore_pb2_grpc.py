@@ -611,3 +611,247 @@ class KVStore:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ModelsStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.LoadModel = channel.unary_unary(
+                '/kvstore.v1.Models/LoadModel',
+                request_serializer=kvstore_dot___proto_dot_kvstore__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=kvstore_dot___proto_dot_kvstore__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/kvstore.v1.Models/ListModels',
+                request_serializer=kvstore_dot___proto_dot_kvstore__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=kvstore_dot___proto_dot_kvstore__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.SwapModels = channel.unary_unary(
+                '/kvstore.v1.Models/SwapModels',
+                request_serializer=kvstore_dot___proto_dot_kvstore__pb2.SwapModelsRequest.SerializeToString,
+                response_deserializer=kvstore_dot___proto_dot_kvstore__pb2.SwapModelsResponse.FromString,
+                _registered_method=True)
+        self.PrefetchModel = channel.unary_unary(
+                '/kvstore.v1.Models/PrefetchModel',
+                request_serializer=kvstore_dot___proto_dot_kvstore__pb2.PrefetchModelRequest.SerializeToString,
+                response_deserializer=kvstore_dot___proto_dot_kvstore__pb2.PrefetchModelResponse.FromString,
+                _registered_method=True)
+        self.ReleaseModel = channel.unary_unary(
+                '/kvstore.v1.Models/ReleaseModel',
+                request_serializer=kvstore_dot___proto_dot_kvstore__pb2.ReleaseModelRequest.SerializeToString,
+                response_deserializer=kvstore_dot___proto_dot_kvstore__pb2.ReleaseModelResponse.FromString,
+                _registered_method=True)
+
+
+class ModelsServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def LoadModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SwapModels(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PrefetchModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ModelsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=kvstore_dot___proto_dot_kvstore__pb2.LoadModelRequest.FromString,
+                    response_serializer=kvstore_dot___proto_dot_kvstore__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=kvstore_dot___proto_dot_kvstore__pb2.ListModelsRequest.FromString,
+                    response_serializer=kvstore_dot___proto_dot_kvstore__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'SwapModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.SwapModels,
+                    request_deserializer=kvstore_dot___proto_dot_kvstore__pb2.SwapModelsRequest.FromString,
+                    response_serializer=kvstore_dot___proto_dot_kvstore__pb2.SwapModelsResponse.SerializeToString,
+            ),
+            'PrefetchModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrefetchModel,
+                    request_deserializer=kvstore_dot___proto_dot_kvstore__pb2.PrefetchModelRequest.FromString,
+                    response_serializer=kvstore_dot___proto_dot_kvstore__pb2.PrefetchModelResponse.SerializeToString,
+            ),
+            'ReleaseModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseModel,
+                    request_deserializer=kvstore_dot___proto_dot_kvstore__pb2.ReleaseModelRequest.FromString,
+                    response_serializer=kvstore_dot___proto_dot_kvstore__pb2.ReleaseModelResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'kvstore.v1.Models', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('kvstore.v1.Models', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Models:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Models/LoadModel',
+            kvstore_dot___proto_dot_kvstore__pb2.LoadModelRequest.SerializeToString,
+            kvstore_dot___proto_dot_kvstore__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Models/ListModels',
+            kvstore_dot___proto_dot_kvstore__pb2.ListModelsRequest.SerializeToString,
+            kvstore_dot___proto_dot_kvstore__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SwapModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Models/SwapModels',
+            kvstore_dot___proto_dot_kvstore__pb2.SwapModelsRequest.SerializeToString,
+            kvstore_dot___proto_dot_kvstore__pb2.SwapModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrefetchModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Models/PrefetchModel',
+            kvstore_dot___proto_dot_kvstore__pb2.PrefetchModelRequest.SerializeToString,
+            kvstore_dot___proto_dot_kvstore__pb2.PrefetchModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Models/ReleaseModel',
+            kvstore_dot___proto_dot_kvstore__pb2.ReleaseModelRequest.SerializeToString,
+            kvstore_dot___proto_dot_kvstore__pb2.ReleaseModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,486 @@
+"""The weight-swap benchmark: cold/warm load and model swap against peers and the disk.
+
+``python -m bench.weight_swap [--quick] [--json]`` (also ``kvstore bench weight-swap``)
+builds two synthetic transformer-shaped bf16 models (or takes real safetensors paths),
+ingests them into a fresh store, starts a Models daemon in a subprocess and measures
+in one run, on the same bytes:
+
+* raw: the disk's direct (O_DIRECT) read of the model's bytes, the limit;
+* cold load: page cache dropped, model not resident -> usable tensors in the client;
+* warm load: model resident in the daemon's DRAM -> usable tensors in a new mapping;
+* swap A->B with B resident in DRAM, and with B only on NVMe (cache dropped);
+* peers, cold: ``safetensors.torch.load_file``, ``torch.load`` of a .pt of the same
+  tensors, Run:ai Model Streamer (when it imports);
+* memcpy of warm pages (the limit for warm loads).
+
+"Usable" means every page of every tensor is mapped/read: each method's result is
+touched (one read per 4 KiB page) inside its timing, so lazy mmaps count their I/O.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvstore.config import parse_size
+from loader import client
+from loader.pipeline import NullSink, ReadPipeline
+from loader.store import ModelStore, resolve_sources
+
+CHARTS = Path(__file__).resolve().parent / "charts"
+LOG = sys.stderr
+
+
+def log(msg: str) -> None:
+    print(msg, file=LOG, flush=True)
+
+
+# ---------------------------------------------------------------------- models
+def transformer_tensors(nbytes: int, hidden: int, seed: int) -> dict[str, torch.Tensor]:
+    """bf16 tensors shaped like a decoder (embedding, attention, MLP, norms) of ~nbytes."""
+    g = torch.Generator().manual_seed(seed)
+    inter = hidden * 11 // 4 // 64 * 64
+    vocab = 32000 if nbytes >= (256 << 20) else 4096
+
+    def rnd(*shape: int) -> torch.Tensor:
+        n = math.prod(shape)
+        x = torch.randint(-(2**15), 2**15 - 1, (n,), dtype=torch.int16, generator=g)
+        return x.view(torch.bfloat16).view(shape)
+
+    per_layer = (4 * hidden * hidden + 3 * hidden * inter + 2 * hidden) * 2
+    embed = vocab * hidden * 2
+    layers = max(1, round((nbytes - 2 * embed) / per_layer))
+    out = {"model.embed_tokens.weight": rnd(vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        for w in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out[f"{p}.self_attn.{w}.weight"] = rnd(hidden, hidden)
+        out[f"{p}.mlp.gate_proj.weight"] = rnd(inter, hidden)
+        out[f"{p}.mlp.up_proj.weight"] = rnd(inter, hidden)
+        out[f"{p}.mlp.down_proj.weight"] = rnd(hidden, inter)
+        out[f"{p}.input_layernorm.weight"] = rnd(hidden)
+        out[f"{p}.post_attention_layernorm.weight"] = rnd(hidden)
+    out["model.norm.weight"] = rnd(hidden)
+    out["lm_head.weight"] = rnd(vocab, hidden)
+    return out
+
+
+def touch(tensors: dict[str, torch.Tensor]) -> int:
+    """Reads one byte of every 4 KiB page of every tensor (forces lazy I/O and mapping)."""
+    acc = 0
+    for t in tensors.values():
+        if t.numel():
+            b = t.reshape(-1).view(torch.uint8)
+            acc += int(b[::4096].sum())
+    return acc
+
+
+# ---------------------------------------------------------------------- limits
+def drop_caches(files: list[Path]) -> str:
+    """Drops the page cache; returns '' or the reason it could not (then fadvise)."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return ""
+    except OSError as exc:
+        reason = f"/proc/sys/vm/drop_caches: {exc.strerror}; used fadvise(DONTNEED) per file"
+    for p in files:
+        with contextlib.suppress(OSError):
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    return reason
+
+
+class RawReader:
+    """The disk's direct sequential read of a file, no checksum, no destination.
+
+    Two patterns, the best counts as the limit: the loader's (8 x 8 MiB reads in
+    flight) and dd's (one 1 MiB read at a time).  Rings are built (and faulted) once.
+    """
+
+    def __init__(self) -> None:
+        self.pipes = [ReadPipeline(8, 8, 8 << 20), ReadPipeline(1, 1, 1 << 20)]
+
+    def read(self, path: Path, nbytes: int, files: list[Path]) -> tuple[float, bool]:
+        best, direct = math.inf, True
+        for pipe in self.pipes:
+            drop_caches(files)
+            st = pipe.read(path, nbytes, NullSink(), None)
+            best, direct = min(best, st.seconds), direct and st.direct
+        return best, direct
+
+    def close(self) -> None:
+        for p in self.pipes:
+            p.close()
+
+
+def memcpy_gbps(nbytes: int = 256 << 20) -> float:
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.zeros(nbytes, dtype=torch.uint8)
+    best = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = max(best, nbytes / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+# ---------------------------------------------------------------------- daemon
+@contextlib.contextmanager
+def daemon(data_dir: Path, budget: int) -> Iterator[str]:
+    sock = str(Path(tempfile.mkdtemp(prefix="kvws", dir="/tmp")) / "models.sock")
+    cmd = [sys.executable, "-m", "loader.service", "--data-dir", str(data_dir)]
+    cmd += ["--socket", sock, "--dram-budget", str(budget), "--wait-prefault"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("ready"):
+            raise RuntimeError(f"models daemon did not start (exit {proc.wait()})")
+        yield sock
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+# ---------------------------------------------------------------------- peers
+def peer_safetensors(files: list[Path], pt: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(str(f)))
+    return out
+
+
+def peer_torch_load(files: list[Path], pt: Path) -> dict[str, torch.Tensor]:
+    return dict(torch.load(pt, weights_only=True))
+
+
+def peer_runai(files: list[Path], pt: Path) -> dict[str, torch.Tensor]:
+    from runai_model_streamer import SafetensorsStreamer
+
+    out: dict[str, torch.Tensor] = {}
+    with SafetensorsStreamer() as s:
+        s.stream_files([str(f) for f in files])
+        for name, t in s.get_tensors():
+            out[name] = t
+    return out
+
+
+def runai_available() -> str:
+    try:
+        import runai_model_streamer  # noqa: F401
+    except ImportError as exc:  # also covers a missing native library
+        return f"runai-model-streamer does not import ({exc}); install the [bench] extra"
+    return ""
+
+
+# ---------------------------------------------------------------------- run
+def timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    quick = args.quick
+    model_bytes = parse_size(args.model_bytes or ("64MiB" if quick else "1GiB"), "--model-bytes")
+    hidden = args.hidden or (512 if quick else 2048)
+    repeats = args.repeats or (1 if quick else 3)
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="kvstore-ws-", dir="/var/tmp"))
+    work.mkdir(parents=True, exist_ok=True)
+    res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    res["machine"] = f"{os.cpu_count()} CPUs, {os.uname().release}"
+    log(f"work dir {work}")
+
+    # -- models: synthetic or given
+    sources: list[list[Path]] = []
+    pts: list[Path] = []
+    for i, name in enumerate("AB"):
+        if args.paths:
+            files = [f.path for f in resolve_sources(args.paths[i])]
+            tensors = peer_safetensors(files, Path())
+        else:
+            tensors = transformer_tensors(model_bytes, hidden, seed=i)
+            from safetensors.torch import save_file
+
+            files = [work / f"{name}.safetensors"]
+            save_file(tensors, str(files[0]))
+        pt = work / f"{name}.pt"
+        torch.save(tensors, pt)
+        del tensors
+        sources.append(files)
+        pts.append(pt)
+    store_dir = work / "store"
+    with ModelStore(store_dir) as st:
+        ingest = []
+        for i, name in enumerate("AB"):
+            with contextlib.suppress(Exception):
+                st.remove(name)
+            t0 = time.perf_counter()
+            m = st.add(name, args.paths[i] if args.paths else sources[i][0])
+            ingest.append(m.tensor_bytes / (time.perf_counter() - t0) / 1e9)
+        ma, mb = st.get("A"), st.get("B")
+        data_a, data_b = st.data_path(ma), st.data_path(mb)
+    nbytes = ma.tensor_bytes
+    res.update(model_bytes=nbytes, num_tensors=len(ma.tensors), ingest_gbps=max(ingest))
+    all_files = [*sources[0], *sources[1], *pts, data_a, data_b]
+    peers: dict[str, Callable[[list[Path], Path], dict[str, torch.Tensor]]] = {
+        "safetensors.load_file": peer_safetensors,
+        "torch.load": peer_torch_load,
+    }
+    why = runai_available()
+    if why:
+        log(f"skipping Run:ai Model Streamer: {why}")
+        res["runai_skipped"] = why
+    else:
+        peers["runai-model-streamer"] = peer_runai
+
+    samples: dict[str, list[float]] = {}
+
+    def add(key: str, v: float) -> None:
+        samples.setdefault(key, []).append(v)
+
+    budget = int((ma.nbytes + mb.nbytes) * 1.1) + (64 << 20)
+    t0 = time.perf_counter()
+    raw = RawReader()
+    with daemon(store_dir, budget) as sock, contextlib.closing(raw):
+        res["prefault_s"] = time.perf_counter() - t0
+        stub = client._stub(sock)
+        steps = repeats * (5 + len(peers))
+        bar = tqdm(total=steps, desc="weight-swap", unit="step", file=LOG, disable=args.json)
+        for _ in range(repeats):
+            # raw limit: the same bytes, direct, same chunking and depth as the loader
+            res["cache_drop"] = drop_caches(all_files) or "ok"
+            s, direct = raw.read(data_a, ma.nbytes, all_files)
+            add("raw_read_gbps", nbytes / s / 1e9)
+            res["raw_direct"] = direct
+            bar.update()
+            # cold: not resident, cache dropped
+            client.release_model(stub, "A", 1, evict=True)
+            client.release_model(stub, "B", 1, evict=True)
+            drop_caches(all_files)
+            t0 = time.perf_counter()
+            loaded = client.open_model(stub, "A", session_id=1, populate=True)
+            add("cold_usable_s", time.perf_counter() - t0)
+            ta = loaded.tensors
+            touch(ta)
+            add("cold_load_gbps", nbytes / (time.perf_counter() - t0) / 1e9)
+            add("daemon_read_gbps", nbytes / loaded.info.load_seconds / 1e9)
+            res["daemon_direct_io"] = loaded.info.direct_io
+            bar.update()
+            # warm: resident in the daemon, a fresh mapping in the client
+            t0 = time.perf_counter()
+            tw = client.load_model(stub, "A", session_id=2, populate=True)
+            touch(tw)
+            add("warm_load_gbps", nbytes / (time.perf_counter() - t0) / 1e9)
+            client.release_model(stub, "A", 2)
+            del tw
+            bar.update()
+            # swap A->B with B resident in DRAM
+            client.load_model(stub, "B", session_id=3, pin=False)
+            t0 = time.perf_counter()
+            tb = client.swap_models(stub, "A", "B", session_id=1, populate=False)
+            add("swap_dram_ms", (time.perf_counter() - t0) * 1e3)
+            touch(tb)
+            add("swap_dram_touched_ms", (time.perf_counter() - t0) * 1e3)
+            del tb
+            client.swap_models(stub, "B", "A", session_id=1)
+            bar.update()
+            # swap A->B with B only on NVMe
+            client.release_model(stub, "B", 1, evict=True)
+            drop_caches(all_files)
+            t0 = time.perf_counter()
+            tb = client.swap_models(stub, "A", "B", session_id=1, populate=False)
+            add("swap_nvme_ms", (time.perf_counter() - t0) * 1e3)
+            touch(tb)
+            add("swap_nvme_touched_ms", (time.perf_counter() - t0) * 1e3)
+            del tb, ta
+            client.release_model(stub, "B", 1)
+            bar.update()
+            # peers, cold, same bytes
+            for pname, fn in peers.items():
+                drop_caches(all_files)
+                t0 = time.perf_counter()
+                out = fn(sources[0], pts[0])
+                touch(out)
+                add(f"peer:{pname}", nbytes / (time.perf_counter() - t0) / 1e9)
+                del out
+                bar.update()
+            # warm peer (page cache holds the file now), for the table
+            t0 = time.perf_counter()
+            touch(peer_safetensors(sources[0], pts[0]))
+            add("peer_warm:safetensors.load_file", nbytes / (time.perf_counter() - t0) / 1e9)
+            bar.update()
+        bar.close()
+        res["daemon_stats"] = client.list_models(stub)
+    add("memcpy_gbps", memcpy_gbps())
+    res["samples"] = {k: [round(x, 4) for x in v] for k, v in samples.items()}
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    peer_cold = {k[5:]: v for k, v in med.items() if k.startswith("peer:")}
+    res.update(
+        cold_load_gbps=med["cold_load_gbps"],
+        raw_read_gbps=med["raw_read_gbps"],
+        cold_ratio_to_raw=med["cold_load_gbps"] / med["raw_read_gbps"],
+        best_peer_cold_gbps=max(peer_cold.values()),
+        best_peer=max(peer_cold, key=lambda k: peer_cold[k]),
+        peers_cold_gbps=peer_cold,
+        warm_load_gbps=med["warm_load_gbps"],
+        memcpy_gbps=med["memcpy_gbps"],
+        warm_ratio_to_memcpy=med["warm_load_gbps"] / med["memcpy_gbps"],
+        swap_dram_ms=med["swap_dram_ms"],
+        swap_nvme_ms=med["swap_nvme_ms"],
+        cold_usable_s=med["cold_usable_s"],
+        daemon_read_gbps=med["daemon_read_gbps"],
+        repeats=repeats,
+        quick=quick,
+    )
+    if not args.keep:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return res
+
+
+def table(res: dict[str, Any]) -> str:
+    gb = res["model_bytes"] / 1e9
+    s = res["samples"]
+
+    def spread(key: str) -> str:
+        v = s.get(key, [])
+        return f"{min(v):.2f}-{max(v):.2f}" if len(v) > 1 else ""
+
+    rows = [
+        ("raw direct read (limit)", res["raw_read_gbps"], spread("raw_read_gbps"), ""),
+        (
+            "kvstore cold load",
+            res["cold_load_gbps"],
+            spread("cold_load_gbps"),
+            f"{res['cold_ratio_to_raw']:.0%} of raw",
+        ),
+        (
+            "  of which the daemon's verified read",
+            res["daemon_read_gbps"],
+            spread("daemon_read_gbps"),
+            "(O_DIRECT into the arena + xxh3)",
+        ),
+    ]
+    for k, v in res["peers_cold_gbps"].items():
+        rows.append(
+            (f"{k} (cold)", v, spread(f"peer:{k}"), f"{v / res['raw_read_gbps']:.0%} of raw")
+        )
+    rows += [
+        (
+            "kvstore warm load (resident)",
+            res["warm_load_gbps"],
+            spread("warm_load_gbps"),
+            f"{res['warm_ratio_to_memcpy']:.0%} of memcpy",
+        ),
+        (
+            "safetensors.load_file (warm cache)",
+            statistics.median(s["peer_warm:safetensors.load_file"]),
+            spread("peer_warm:safetensors.load_file"),
+            "",
+        ),
+        ("memcpy (limit)", res["memcpy_gbps"], "", ""),
+    ]
+    out = [
+        f"model: {gb:.2f} GB, {res['num_tensors']} tensors, {res['repeats']} repeat(s); "
+        f"cache drop: {res['cache_drop']}",
+        f"{'what':<38} {'GB/s':>7} {'spread':>11}  note",
+        "-" * 72,
+    ]
+    out += [f"{a:<38} {b:7.2f} {c:>11}  {d}" for a, b, c, d in rows]
+    out += [
+        "-" * 72,
+        f"{'swap A->B, B resident in DRAM':<38} {res['swap_dram_ms']:7.2f} ms {spread('swap_dram_ms'):>8}",
+        f"{'swap A->B, B on NVMe':<38} {res['swap_nvme_ms']:7.1f} ms {spread('swap_nvme_ms'):>8}",
+        f"{'cold load until usable tensors':<38} {res['cold_usable_s'] * 1e3:7.1f} ms",
+    ]
+    return "\n".join(out)
+
+
+def chart(res: dict[str, Any], path: Path) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        return f"no chart: matplotlib does not import ({exc})"
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = ["kvstore", *res["peers_cold_gbps"]]
+    vals = [res["cold_load_gbps"], *res["peers_cold_gbps"].values()]
+    ax1.bar(names, vals, color=["tab:green"] + ["tab:gray"] * (len(names) - 1))
+    ax1.axhline(res["raw_read_gbps"], color="tab:red", ls="--", label="raw direct read")
+    ax1.set_ylabel("GB/s (cold, to usable tensors)")
+    ax1.set_title(f"cold load, {res['model_bytes'] / 1e9:.2f} GB model")
+    ax1.legend()
+    ax1.tick_params(axis="x", rotation=15)
+    ax2.bar(
+        ["swap (B in DRAM)", "swap (B on NVMe)"],
+        [res["swap_dram_ms"], res["swap_nvme_ms"]],
+        color=["tab:green", "tab:blue"],
+    )
+    ax2.set_yscale("log")
+    ax2.set_ylabel("ms until usable tensors")
+    ax2.set_title("swap A -> B")
+    fig.suptitle(f"weight-swap, {res['machine']}, {res['date']}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.weight_swap", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--quick", action="store_true", help="64 MiB models, one repeat (< ~60 s)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    p.add_argument("--model-bytes", default="", help="size of each synthetic model (default 1GiB)")
+    p.add_argument("--hidden", type=int, default=0, help="hidden size of the synthetic models")
+    p.add_argument("--repeats", type=int, default=0, help="measurement rounds (default 3)")
+    p.add_argument("--paths", nargs=2, metavar=("A", "B"), help="real safetensors models")
+    p.add_argument("--work-dir", default="", help="where files go (default /var/tmp/...)")
+    p.add_argument("--keep", action="store_true", help="keep the work dir")
+    p.add_argument("--chart", default=str(CHARTS / "weight_swap.png"), help="PNG path ('' = none)")
+    args = p.parse_args(argv)
+    res = run(args)
+    if args.chart:
+        res["chart"] = chart(res, Path(args.chart))
+    log(table(res))
+    if args.json:
+        print(json.dumps(res, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Client side of the Models service: tensors as views on the daemon's arena.
+
+``load_model`` asks the daemon to make a model resident, maps the arena extent it
+names and builds one ``torch.Tensor`` per tensor with ``torch.frombuffer``: views, no
+copy.  The mapping is private (copy-on-write), so a client that writes into a tensor
+changes only its own pages, never the resident copy other clients see.
+
+With ``device="cuda"`` the host views are streamed to GPU memory through a ring of
+pinned staging buffers (:mod:`loader.gpu`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import grpc
+import torch
+
+from kvstore._proto import kvstore_pb2 as pb
+from kvstore._proto import kvstore_pb2_grpc as pb_grpc
+from loader.errors import (
+    ModelBudgetError,
+    ModelChecksumError,
+    ModelError,
+    ModelExistsError,
+    ModelFormatError,
+    ModelNotFoundError,
+    ModelStoreError,
+)
+from loader.safetensors_format import DTYPES
+
+ChannelLike: TypeAlias = "grpc.Channel | pb_grpc.ModelsStub | str"
+
+_ERRORS: dict[grpc.StatusCode, type[ModelError]] = {
+    grpc.StatusCode.NOT_FOUND: ModelNotFoundError,
+    grpc.StatusCode.INVALID_ARGUMENT: ModelFormatError,
+    grpc.StatusCode.ALREADY_EXISTS: ModelExistsError,
+    grpc.StatusCode.DATA_LOSS: ModelChecksumError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ModelBudgetError,
+    grpc.StatusCode.FAILED_PRECONDITION: ModelStoreError,
+}
+
+
+def _stub(target: ChannelLike) -> pb_grpc.ModelsStub:
+    if isinstance(target, pb_grpc.ModelsStub):
+        return target
+    if isinstance(target, str):
+        addr = target if "://" in target else f"unix://{target}"
+        return pb_grpc.ModelsStub(grpc.insecure_channel(addr))
+    return pb_grpc.ModelsStub(target)
+
+
+def _call(fn: Any, request: Any) -> Any:
+    try:
+        return fn(request)
+    except grpc.RpcError as exc:
+        code = exc.code() if hasattr(exc, "code") else None
+        cls = _ERRORS.get(code, ModelError) if code is not None else ModelError
+        detail = exc.details() if hasattr(exc, "details") else str(exc)
+        raise cls(detail or str(code)) from None
+
+
+def torch_dtype(st_dtype: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name."""
+    dt = getattr(torch, DTYPES[st_dtype][1], None)
+    if not isinstance(dt, torch.dtype):
+        raise ModelFormatError(f"this torch has no dtype for {st_dtype}")
+    return dt
+
+
+MADV_POPULATE_READ = 22  # Linux >= 5.14; not exported by Python 3.11's mmap module
+
+
+def tensors_from_response(
+    resp: pb.LoadModelResponse, populate: bool = False
+) -> dict[str, torch.Tensor]:
+    """Maps the arena extent of a LoadModel response and builds the tensor views.
+
+    Args:
+        resp: the daemon's answer.
+        populate: map every page now (one ``madvise(MADV_POPULATE_READ)``, which does
+            not break copy-on-write) rather than fault them in one by one on first use.
+    """
+    fd = os.open(resp.shm_path, os.O_RDWR)
+    try:
+        # Private and writable: reads share the daemon's pages, writes stay local.
+        mm = mmap.mmap(
+            fd,
+            resp.nbytes,
+            mmap.MAP_PRIVATE,
+            mmap.PROT_READ | mmap.PROT_WRITE,
+            offset=resp.shm_offset,
+        )
+    finally:
+        os.close(fd)
+    if populate and resp.nbytes:
+        with contextlib.suppress(OSError):  # older kernels: pages fault in on use
+            mm.madvise(MADV_POPULATE_READ)
+    out: dict[str, torch.Tensor] = {}
+    for t in resp.tensors:
+        dtype = torch_dtype(t.dtype)
+        shape = tuple(t.shape)
+        if t.nbytes == 0:
+            out[t.name] = torch.empty(shape, dtype=dtype)
+            continue
+        flat = torch.frombuffer(
+            mm, dtype=dtype, count=t.nbytes // DTYPES[t.dtype][0], offset=t.offset
+        )
+        out[t.name] = flat.view(shape)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """Tensors of a loaded model and the daemon's answer (timings, residency)."""
+
+    tensors: dict[str, torch.Tensor]
+    info: pb.LoadModelResponse
+
+
+def open_model(
+    target: ChannelLike,
+    name: str,
+    session_id: int = 0,
+    pin: bool = True,
+    populate: bool = False,
+) -> LoadedModel:
+    """Like :func:`load_model` (host views only) but also returns the daemon's answer."""
+    resp = _call(
+        _stub(target).LoadModel,
+        pb.LoadModelRequest(session_id=session_id, name=name, no_pin=not pin),
+    )
+    return LoadedModel(tensors_from_response(resp, populate), resp)
+
+
+def load_model(
+    target: ChannelLike,
+    name: str,
+    device: str | torch.device = "cpu",
+    session_id: int = 0,
+    pin: bool = True,
+    populate: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Loads model ``name`` from the daemon.
+
+    Args:
+        target: a gRPC channel, a ``ModelsStub`` or a Unix socket path.
+        name: the registered model.
+        device: ``"cpu"`` (views on shared memory, no copy) or a CUDA device (copied
+            to GPU memory through pinned buffers).
+        session_id: the session that owns the pin (0: anonymous).
+        pin: keep the model's bytes stable until :func:`release_model` / swap.
+        populate: map every page before returning (no page faults on first use;
+            costs ~0.2 s per GiB here); by default pages map lazily on first use.
+
+    Raises:
+        ModelNotFoundError, ModelBudgetError, ModelChecksumError (naming the tensor), ...
+    """
+    loaded = open_model(target, name, session_id, pin, populate)
+    return _place(loaded.tensors, device)
+
+
+def _place(host: dict[str, torch.Tensor], device: str | torch.device) -> dict[str, torch.Tensor]:
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return host
+    if dev.type == "cuda":
+        from loader.gpu import copy_to_cuda
+
+        return copy_to_cuda(host, dev)
+    raise ValueError(f"unsupported device {device!r} (cpu or cuda)")
+
+
+def swap_models(
+    target: ChannelLike,
+    old: str,
+    new: str,
+    device: str | torch.device = "cpu",
+    session_id: int = 0,
+    populate: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Makes ``new`` resident and pinned, unpins ``old``; returns ``new``'s tensors."""
+    resp = _call(
+        _stub(target).SwapModels,
+        pb.SwapModelsRequest(session_id=session_id, old_name=old, new_name=new),
+    )
+    return _place(tensors_from_response(resp.model, populate), device)
+
+
+def prefetch_model(target: ChannelLike, name: str) -> str:
+    """Starts loading ``name`` into DRAM in the background; returns its state."""
+    return str(_call(_stub(target).PrefetchModel, pb.PrefetchModelRequest(name=name)).state)
+
+
+def release_model(target: ChannelLike, name: str, session_id: int = 0, evict: bool = False) -> int:
+    """Drops the session's pins on ``name`` (its views must no longer be used)."""
+    resp = _call(
+        _stub(target).ReleaseModel,
+        pb.ReleaseModelRequest(session_id=session_id, name=name, evict=evict),
+    )
+    return int(resp.released_pins)
+
+
+def list_models(target: ChannelLike) -> list[dict[str, Any]]:
+    """Registered models with their residency state."""
+    resp = _call(_stub(target).ListModels, pb.ListModelsRequest())
+    return [
+        {
+            "name": m.name,
+            "nbytes": m.nbytes,
+            "tensor_bytes": m.tensor_bytes,
+            "num_tensors": m.num_tensors,
+            "state": m.state,
+            "pins": m.pins,
+            "source": m.source,
+        }
+        for m in resp.models
+    ]

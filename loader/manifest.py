@@ -1,0 +1,85 @@
+"""The manifest of a stored model: where each tensor lies in the aligned data file."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+# Every tensor starts on a 4 KiB boundary in the data file and the file's size is a
+# multiple of it: O_DIRECT and GPUDirect Storage need aligned offsets and lengths.
+ALIGN = 4096
+
+
+def align_up(n: int, a: int = ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass(frozen=True, slots=True)
+class TensorEntry:
+    """One tensor: ``offset`` is its byte offset in the data file (4 KiB-aligned)."""
+
+    name: str
+    dtype: str  # safetensors dtype name (``BF16``...)
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+    checksum: int  # xxh3_64 of the tensor's bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A registered model.
+
+    ``uid`` changes whenever a model of the same name is removed and added again,
+    so a daemon holding the old bytes resident can tell they are stale.
+    """
+
+    name: str
+    uid: str
+    data_file: str  # file name under <data_dir>/models/data/
+    nbytes: int  # size of the data file (a multiple of ALIGN)
+    tensors: tuple[TensorEntry, ...]
+    created: float
+    source: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def tensor_bytes(self) -> int:
+        """Bytes of tensor data (without alignment padding)."""
+        return sum(t.nbytes for t in self.tensors)
+
+    def to_json(self) -> bytes:
+        doc: dict[str, Any] = {
+            "version": 1,
+            "name": self.name,
+            "uid": self.uid,
+            "data_file": self.data_file,
+            "nbytes": self.nbytes,
+            "created": self.created,
+            "source": self.source,
+            "metadata": self.metadata,
+            "tensors": [
+                [t.name, t.dtype, list(t.shape), t.offset, t.nbytes, t.checksum]
+                for t in self.tensors
+            ],
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Manifest:
+        doc = json.loads(raw)
+        if doc.get("version") != 1:
+            raise ValueError(f"unsupported manifest version {doc.get('version')!r}")
+        return cls(
+            name=doc["name"],
+            uid=doc["uid"],
+            data_file=doc["data_file"],
+            nbytes=doc["nbytes"],
+            created=doc["created"],
+            source=doc["source"],
+            metadata=doc.get("metadata", {}),
+            tensors=tuple(
+                TensorEntry(n, d, tuple(s), o, b, c) for n, d, s, o, b, c in doc["tensors"]
+            ),
+        )

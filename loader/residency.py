@@ -1,0 +1,289 @@
+"""Which models are resident in the DRAM arena: loading, pinning, LRU eviction, swap.
+
+A resident model occupies one extent of the :class:`~loader.arena.ModelArena`.
+Sessions pin the models they use; an unpinned resident model stays (it is hot) until
+its space is needed, then the eviction policy (LRU by default, any registered
+:mod:`kvstore.policies` name) picks the victim.  ``swap(old, new)`` makes ``new``
+resident and pinned and unpins ``old`` (evictable, not dropped: swapping back is
+free while it stays).  ``prefetch`` starts a load in the background so a planned
+swap finds its model resident.
+
+Contract for readers: bytes of a model are stable while any session pins it.  A
+client must not read a model's tensors after releasing its pin: the extent may be
+reused for another model (the same contract as KV blocks: acquire, read, release).
+
+Thread contract: every public method may be called from any thread; loads run one
+at a time on the manager's loader thread (they share the read ring).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+from loader.arena import ModelArena
+from loader.config import ModelsConfig
+from loader.errors import ModelBudgetError, ModelError, ModelStoreError
+from loader.manifest import Manifest
+from loader.pipeline import HostSink, ReadPipeline, ReadStats
+from loader.store import ModelStore
+
+if TYPE_CHECKING:
+    from kvstore.entry import BlockEntry
+
+LOADING, READY, FAILED = "loading", "ready", "failed"
+
+
+@dataclass(eq=False)
+class Resident:
+    """A model in (or on its way into) the arena.  Identity-hashed (policy entries)."""
+
+    manifest: Manifest
+    offset: int
+    state: str = LOADING
+    pins: dict[int, int] = field(default_factory=dict)
+    done: threading.Event = field(default_factory=threading.Event)
+    error: ModelError | None = None
+    load_seconds: float = 0.0
+    read: ReadStats | None = None
+    hits: int = 0
+    last_access: float = 0.0
+    nbytes: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def total_pins(self) -> int:
+        return sum(self.pins.values())
+
+
+@dataclass(slots=True)
+class ResidencyCounters:
+    loads: int = 0
+    load_bytes: int = 0
+    load_seconds: float = 0.0
+    hits: int = 0
+    evictions: int = 0
+    failures: int = 0
+
+
+class ResidencyManager:
+    """Keeps hot models in the DRAM arena under a budget.
+
+    Args:
+        store: the model store manifests are read from (on demand).
+        config: budget, pipeline and policy settings (validated).
+    """
+
+    def __init__(self, store: ModelStore, config: ModelsConfig) -> None:
+        from kvstore.policies import POLICIES
+
+        self.store = store
+        self.config = config
+        self.arena = ModelArena(config.shm_dir, config.dram_budget, config.prefault)
+        self.pipeline = ReadPipeline(
+            io_threads=config.io_threads,
+            ring_buffers=config.ring_buffers,
+            ring_buffer_bytes=config.ring_buffer_bytes,
+            direct=config.direct_io,
+        )
+        self.policy = POLICIES.get(config.policy)(capacity_blocks=64)
+        self.counters = ResidencyCounters()
+        self._by_uid: dict[str, Resident] = {}
+        self._lock = threading.Lock()
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="loader-load")
+        self._closed = False
+
+    # ------------------------------------------------------------------ verbs
+    def acquire(self, name: str, session_id: int = 0, pin: bool = True) -> Resident:
+        """Makes ``name`` resident (loading it if needed), optionally pins it, waits.
+
+        Raises:
+            ModelNotFoundError, ModelBudgetError, ModelChecksumError, ModelStoreError.
+        """
+        manifest = self.store.get(name)
+        r = self._ensure(manifest, session_id if pin else None)
+        r.done.wait()
+        if r.error is not None:
+            raise r.error
+        return r
+
+    def prefetch(self, name: str) -> Resident:
+        """Starts loading ``name`` in the background (no pin); returns at once."""
+        return self._ensure(self.store.get(name), None)
+
+    def release(self, name: str, session_id: int = 0) -> int:
+        """Drops every pin ``session_id`` holds on ``name``; returns how many."""
+        with self._lock:
+            n = 0
+            for r in self._by_uid.values():
+                if r.name == name:
+                    n += r.pins.pop(session_id, 0)
+            return n
+
+    def release_session(self, session_id: int) -> int:
+        """Drops every pin of a session (call when the session closes or dies)."""
+        with self._lock:
+            return sum(r.pins.pop(session_id, 0) for r in self._by_uid.values())
+
+    def swap(self, session_id: int, old: str, new: str) -> tuple[Resident, int]:
+        """Makes ``new`` resident and pinned, then unpins ``old``.
+
+        ``new`` is acquired first so a failure leaves ``old`` pinned and usable.
+        Returns the new resident model and the number of pins released on ``old``.
+        """
+        r = self.acquire(new, session_id, pin=True)
+        released = self.release(old, session_id) if old and old != new else 0
+        return r, released
+
+    def evict(self, name: str) -> bool:
+        """Drops ``name`` from the arena now if it is resident and unpinned."""
+        with self._lock:
+            for r in list(self._by_uid.values()):
+                if r.name == name and r.state == READY and not r.pins:
+                    self._drop(r)
+                    return True
+            return False
+
+    def resident(self, name: str) -> Resident | None:
+        with self._lock:
+            for r in self._by_uid.values():
+                if r.name == name and r.state != FAILED:
+                    return r
+            return None
+
+    def view(self, r: Resident) -> memoryview:
+        """The arena bytes of a ready model (a view; release it when done)."""
+        return self.arena.view(r.offset, r.manifest.nbytes)
+
+    # ------------------------------------------------------------------ internals
+    def _ensure(self, manifest: Manifest, pin_session: int | None) -> Resident:
+        with self._lock:
+            if self._closed:
+                raise ModelStoreError("the model store is shutting down")
+            r = self._by_uid.get(manifest.uid)
+            if r is not None and r.state == FAILED:
+                r = None
+            if r is None:
+                offset = self._allocate(manifest)
+                r = Resident(manifest=manifest, offset=offset, nbytes=manifest.nbytes)
+                self._by_uid[manifest.uid] = r
+                self.policy.on_insert(cast("BlockEntry", r))
+                self._loader.submit(self._load, r)
+            else:
+                self.counters.hits += 1
+                r.hits += 1
+                self.policy.on_access(cast("BlockEntry", r))
+            r.last_access = time.monotonic()
+            if pin_session is not None:
+                r.pins[pin_session] = r.pins.get(pin_session, 0) + 1
+            return r
+
+    def _allocate(self, m: Manifest) -> int:
+        if m.nbytes > self.arena.size:
+            raise ModelBudgetError(
+                f"model {m.name!r} needs {m.nbytes} bytes but the DRAM budget for models is "
+                f"{self.arena.size} bytes (raise models.dram_budget)"
+            )
+        while (off := self.arena.allocator.alloc(m.nbytes)) is None:
+            victims = self.policy.victims(
+                1, lambda e: cast(Resident, e).state == READY and not cast(Resident, e).pins
+            )
+            if not victims:
+                busy = sorted(
+                    f"{r.name} ({r.state}, {r.total_pins} pins)" for r in self._by_uid.values()
+                )
+                raise ModelBudgetError(
+                    f"model {m.name!r} needs {m.nbytes} bytes; the DRAM budget for models "
+                    f"({self.arena.size} bytes) is held by pinned or loading models: "
+                    f"{', '.join(busy)}; release or swap one first"
+                )
+            self._drop(cast(Resident, victims[0]))
+            self.counters.evictions += 1
+        return off
+
+    def _drop(self, r: Resident) -> None:
+        self.policy.on_remove(cast("BlockEntry", r))
+        self._by_uid.pop(r.manifest.uid, None)
+        self.arena.allocator.free(r.offset, r.manifest.nbytes)
+
+    def _load(self, r: Resident) -> None:
+        m = r.manifest
+        dest = self.arena.view(r.offset, m.nbytes)
+        t0 = time.perf_counter()
+        try:
+            r.read = self.pipeline.read(
+                self.store.data_path(m),
+                m.nbytes,
+                HostSink(dest),
+                m.tensors if self.config.verify_checksums else None,
+            )
+            r.load_seconds = time.perf_counter() - t0
+            with self._lock:
+                r.state = READY
+                self.counters.loads += 1
+                self.counters.load_bytes += m.nbytes
+                self.counters.load_seconds += r.load_seconds
+        except ModelError as exc:
+            # A fresh error without the traceback: the failed read's frames hold views
+            # on the arena, which would keep it from ever being unmapped.
+            err = type(exc)(str(exc))
+            with self._lock:
+                r.state, r.error = FAILED, err
+                self.counters.failures += 1
+                if self._by_uid.get(m.uid) is r:
+                    self._drop(r)
+        finally:
+            dest.release()
+            r.done.set()
+
+    # ------------------------------------------------------------------ status
+    def models(self) -> list[dict[str, Any]]:
+        """Every registered model with its residency state."""
+        with self._lock:
+            by_name = {r.name: r for r in self._by_uid.values()}
+        out = []
+        for m in self.store.list_models():
+            r = by_name.get(m.name)
+            live = r is not None and r.manifest.uid == m.uid
+            out.append(
+                {
+                    "name": m.name,
+                    "nbytes": m.nbytes,
+                    "tensor_bytes": m.tensor_bytes,
+                    "num_tensors": len(m.tensors),
+                    "state": r.state if (r is not None and live) else "stored",
+                    "pins": r.total_pins if (r is not None and live) else 0,
+                    "source": m.source,
+                    "created": m.created,
+                }
+            )
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            c = self.counters
+            return {
+                "dram_budget": self.arena.size,
+                "dram_used": self.arena.size - self.arena.allocator.free_bytes,
+                "prefaulted": self.arena.prefaulted,
+                "resident": sorted(r.name for r in self._by_uid.values()),
+                "loads": c.loads,
+                "load_bytes": c.load_bytes,
+                "load_seconds": round(c.load_seconds, 6),
+                "hits": c.hits,
+                "evictions": c.evictions,
+                "failures": c.failures,
+            }
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._loader.shutdown(wait=True)
+        self.pipeline.close()
+        self.arena.close()

@@ -1,0 +1,227 @@
+"""The ``Models`` gRPC service: load, list, swap, prefetch and release models.
+
+The daemon calls :func:`register` once at start and :func:`close` at shutdown (and
+:func:`release_session` when a session ends, so its pins go).  ``python -m
+loader.service`` runs a daemon that serves only this service (tests, the benchmark).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from kvstore._proto import kvstore_pb2 as pb
+from kvstore._proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.config import ConfigError, parse_size
+from loader.config import ModelsConfig
+from loader.errors import ModelError
+from loader.residency import ResidencyManager, Resident
+from loader.store import ModelStore
+
+T = TypeVar("T")
+
+
+class ModelsServicer(pb_grpc.ModelsServicer):
+    """Serves the model store of one data directory.
+
+    Blocking work (reads, waiting for a load) runs on worker threads so the event
+    loop keeps serving other calls (KV traffic included) while a model loads.
+    """
+
+    def __init__(self, data_dir: Path, options: ModelsConfig) -> None:
+        self.store = ModelStore(data_dir)
+        self.manager = ResidencyManager(self.store, options)
+        self._tensor_cache: dict[str, list[pb.ModelTensor]] = {}
+
+    async def _run(self, context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
+        try:
+            return await asyncio.to_thread(fn)
+        except ModelError as exc:
+            await context.abort(grpc.StatusCode[exc.code], str(exc))
+            raise AssertionError("unreachable") from exc  # abort raises
+
+    def _response(self, r: Resident, was_resident: bool) -> pb.LoadModelResponse:
+        m = r.manifest
+        tensors = self._tensor_cache.get(m.uid)
+        if tensors is None:
+            tensors = [
+                pb.ModelTensor(
+                    name=t.name,
+                    dtype=t.dtype,
+                    shape=list(t.shape),
+                    offset=t.offset,
+                    nbytes=t.nbytes,
+                    checksum=t.checksum,
+                )
+                for t in m.tensors
+            ]
+            self._tensor_cache[m.uid] = tensors
+        return pb.LoadModelResponse(
+            name=m.name,
+            uid=m.uid,
+            shm_path=str(self.manager.arena.path),
+            shm_offset=r.offset,
+            nbytes=m.nbytes,
+            tensors=tensors,
+            was_resident=was_resident,
+            load_seconds=0.0 if was_resident else r.load_seconds,
+            direct_io=bool(r.read and r.read.direct),
+        )
+
+    def _acquire(self, session_id: int, name: str, pin: bool) -> pb.LoadModelResponse:
+        before = self.manager.resident(name)
+        r = self.manager.acquire(name, session_id, pin=pin)
+        return self._response(r, before is r)
+
+    async def LoadModel(
+        self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoadModelResponse:
+        return await self._run(
+            context, lambda: self._acquire(request.session_id, request.name, not request.no_pin)
+        )
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        def run() -> pb.ListModelsResponse:
+            stats = self.manager.stats()
+            return pb.ListModelsResponse(
+                models=[
+                    pb.ModelInfo(
+                        name=m["name"],
+                        nbytes=m["nbytes"],
+                        tensor_bytes=m["tensor_bytes"],
+                        num_tensors=m["num_tensors"],
+                        state=m["state"],
+                        pins=m["pins"],
+                        source=m["source"],
+                    )
+                    for m in self.manager.models()
+                ],
+                dram_budget=stats["dram_budget"],
+                dram_used=stats["dram_used"],
+            )
+
+        return await self._run(context, run)
+
+    async def SwapModels(
+        self, request: pb.SwapModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SwapModelsResponse:
+        def run() -> pb.SwapModelsResponse:
+            before = self.manager.resident(request.new_name)
+            r, released = self.manager.swap(request.session_id, request.old_name, request.new_name)
+            return pb.SwapModelsResponse(
+                model=self._response(r, before is r), released_pins=released
+            )
+
+        return await self._run(context, run)
+
+    async def PrefetchModel(
+        self, request: pb.PrefetchModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PrefetchModelResponse:
+        r = await self._run(context, lambda: self.manager.prefetch(request.name))
+        return pb.PrefetchModelResponse(state=r.state)
+
+    async def ReleaseModel(
+        self, request: pb.ReleaseModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReleaseModelResponse:
+        def run() -> pb.ReleaseModelResponse:
+            n = self.manager.release(request.name, request.session_id)
+            evicted = self.manager.evict(request.name) if request.evict else False
+            return pb.ReleaseModelResponse(released_pins=n, evicted=evicted)
+
+        return await self._run(context, run)
+
+    def close(self) -> None:
+        self.manager.close()
+        self.store.close()
+
+
+_servicer: ModelsServicer | None = None
+
+
+def register(server: grpc.aio.Server, data_dir: Path, options: ModelsConfig) -> None:
+    """Adds the Models service to ``server`` (call once, before ``server.start()``)."""
+    global _servicer
+    if _servicer is not None:
+        raise RuntimeError("the Models service is already registered in this process")
+    _servicer = ModelsServicer(Path(data_dir), options.validate())
+    pb_grpc.add_ModelsServicer_to_server(_servicer, server)
+
+
+def servicer() -> ModelsServicer | None:
+    """The registered servicer (for stats and tests), or None."""
+    return _servicer
+
+
+def release_session(session_id: int) -> int:
+    """Drops the model pins of a session that ended; returns how many."""
+    return _servicer.manager.release_session(session_id) if _servicer is not None else 0
+
+
+def stats() -> dict[str, Any]:
+    """The residency statistics (for the daemon's Stats document)."""
+    return _servicer.manager.stats() if _servicer is not None else {}
+
+
+def close() -> None:
+    """Releases the arena and the index (call after the server stopped)."""
+    global _servicer
+    if _servicer is not None:
+        _servicer.close()
+        _servicer = None
+
+
+# ---------------------------------------------------------------------- standalone
+async def _serve(args: argparse.Namespace) -> None:
+    options = ModelsConfig(
+        dram_budget=parse_size(args.dram_budget, "--dram-budget") if args.dram_budget else 0,
+        prefault=not args.no_prefault,
+        direct_io=not args.buffered,
+    )
+    server = grpc.aio.server()
+    register(server, Path(args.data_dir), options)
+    server.add_insecure_port(f"unix://{args.socket}")
+    await server.start()
+    if args.wait_prefault and _servicer is not None:
+        await asyncio.to_thread(_servicer.manager.arena.wait_prefaulted)
+    print(f"ready {args.socket}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(1.0)
+    close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m loader.service --data-dir D --socket S``: a Models-only daemon."""
+    p = argparse.ArgumentParser(prog="python -m loader.service", description=main.__doc__)
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--socket", required=True)
+    p.add_argument("--dram-budget", default="", help="e.g. 4GiB (default: auto)")
+    p.add_argument("--no-prefault", action="store_true")
+    p.add_argument("--buffered", action="store_true", help="no O_DIRECT")
+    p.add_argument("--wait-prefault", action="store_true", help="print 'ready' after prefault")
+    args = p.parse_args(argv)
+    try:
+        asyncio.run(_serve(args))
+    except (ConfigError, ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with contextlib.suppress(BrokenPipeError):
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""``kvstore models add|ls|rm`` through the parser the daemon's CLI reuses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loader.cli import main
+from tests.loader.conftest import small_model, write_model
+
+
+def test_add_ls_rm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = write_model(tmp_path / "m.safetensors", small_model())
+    d = str(tmp_path / "data")
+    assert main(["models", "--data-dir", d, "add", "-q", "llama", str(src)]) == 0
+    assert "added llama" in capsys.readouterr().out
+    assert main(["models", "--data-dir", d, "ls", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [m["name"] for m in listed] == ["llama"]
+    assert main(["models", "--data-dir", d, "ls"]) == 0
+    assert "llama" in capsys.readouterr().out
+    assert main(["models", "--data-dir", d, "rm", "llama"]) == 0
+    assert main(["models", "--data-dir", d, "ls"]) == 0
+    assert "no models" in capsys.readouterr().out
+
+
+def test_errors_are_messages_not_tracebacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = str(tmp_path / "data")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"hello world, not a model")
+    assert main(["models", "--data-dir", d, "add", "-q", "x", str(bad)]) == 1
+    assert "error:" in capsys.readouterr().err
+    assert main(["models", "--data-dir", d, "rm", "nope"]) == 1
+    assert "no model named 'nope'" in capsys.readouterr().err
+    src = write_model(tmp_path / "m.safetensors", small_model())
+    assert main(["models", "--data-dir", d, "add", "-q", "x", str(src)]) == 0
+    assert main(["models", "--data-dir", d, "add", "-q", "x", str(src)]) == 1
+    assert "already registered" in capsys.readouterr().err

@@ -1,0 +1,41 @@
+"""``python -m loader.service``: a Models-only daemon in its own process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from loader import client
+from loader.store import ModelStore
+from tests.loader.conftest import small_model, write_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_daemon_process_serves_and_client_maps(tmp_path: Path) -> None:
+    ref = small_model(3)
+    with ModelStore(tmp_path / "d") as st:
+        st.add("m", write_model(tmp_path / "m.safetensors", ref))
+    sock = str(Path(tempfile.mkdtemp(dir="/tmp")) / "m.sock")
+    cmd = [sys.executable, "-m", "loader.service", "--data-dir", str(tmp_path / "d")]
+    cmd += ["--socket", sock, "--dram-budget", "16MiB", "--wait-prefault"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith("ready")
+        got = client.load_model(sock, "m", populate=True)
+        for k, v in ref.items():
+            assert torch.equal(got[k], v), k
+        assert client.list_models(sock)[0]["state"] == "ready"
+    finally:
+        proc.terminate()
+        rc = proc.wait(20)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert rc == 0
+    # The arena file is gone with the daemon; the client's views stay valid (mapped).
+    assert torch.equal(got["embed.weight"], ref["embed.weight"])
+    assert not list(Path("/dev/shm").glob(f"kvstore-models-{proc.pid}-*"))
