@@ -132,7 +132,7 @@ def allocations(keys: Sequence[bytes], resp: Any, arena: memoryview) -> list[All
 
 def acquired_views(resp: Any, arena: memoryview) -> list[memoryview | None]:
     return [
-        arena[s.offset : s.offset + s.length].toreadonly() if st == Status.OK else None
+        arena[s.offset : s.offset + s.length] if st == Status.OK else None
         for st, s in zip(resp.status, resp.slots, strict=True)
     ]
 

@@ -48,11 +48,16 @@ class BlockLease:
     """
 
     def __init__(
-        self, client: Client, keys: Sequence[bytes], arrays: list[np.ndarray], bt: int
+        self, client: Client, keys: Sequence[bytes], views: list[memoryview], bt: int
     ) -> None:
         self._client = client
         self.keys = list(keys)
-        self.arrays = arrays
+        self._views = views
+        self.arrays = []
+        for v in views:
+            a = np.frombuffer(v, dtype=np.uint8)
+            a.flags.writeable = False
+            self.arrays.append(a)
         self.num_tokens = len(keys) * bt
         self._open = True
 
@@ -60,13 +65,15 @@ class BlockLease:
         """Block ``i`` as a torch tensor view (no copy) of ``dtype`` and ``shape``."""
         import torch
 
-        t = torch.frombuffer(self.arrays[i], dtype=torch.uint8)
+        # torch has no read-only tensors: treat the result as read-only.
+        t = torch.frombuffer(self._views[i], dtype=torch.uint8)
         return t.view(dtype).view(*shape)
 
     def close(self) -> None:
         if self._open:
             self._open = False
             self.arrays = []
+            self._views = []
             if self.keys:
                 self._client.release(self.keys)
 
@@ -255,6 +262,9 @@ class Client:
 
     def acquire(self, keys: Sequence[bytes]) -> list[memoryview | None]:
         """Pins blocks (promoting them to DRAM) and returns read-only views, ``None`` = miss."""
+        return [None if v is None else v.toreadonly() for v in self._acquire(keys)]
+
+    def _acquire(self, keys: Sequence[bytes]) -> list[memoryview | None]:
         resp = self._rpc("Acquire", lambda sid: pb.AcquireRequest(session_id=sid, keys=keys))
         return w.acquired_views(resp, self._arena)
 
@@ -335,12 +345,12 @@ class Client:
         n = self.lookup(keys).num_cached
         if n == 0:
             return BlockLease(self, [], [], ns.block_tokens)
-        views = self.acquire(keys[:n])
+        views = self._acquire(keys[:n])
         m = next((i for i, v in enumerate(views) if v is None), len(views))
         # A block in the middle vanished (evicted between lookup and acquire): only the
         # prefix before it is usable, so give back the pins taken after it.
         tail = [k for k, v in zip(keys[m:n], views[m:], strict=True) if v is not None]
         if tail:
             self.release(tail)
-        arrays = [np.frombuffer(v, dtype=np.uint8) for v in views[:m] if v is not None]
-        return BlockLease(self, keys[:m], arrays, ns.block_tokens)
+        held = [v for v in views[:m] if v is not None]
+        return BlockLease(self, keys[:m], held, ns.block_tokens)
