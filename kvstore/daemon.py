@@ -172,7 +172,7 @@ class Daemon:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         sock = Path(self.cfg.server.socket).expanduser()
-        if sock.is_socket():
+        if self.server is not None and sock.is_socket():  # only a socket we bound
             sock.unlink()
         log.info("stopped")
 

@@ -64,6 +64,7 @@ class SlabAllocator:
         self.capacity = len(self.slabs) * slab_bytes
         self._empty: list[int] = [s.index for s in reversed(self.slabs)]
         self._partial: dict[int, set[int]] = {}  # stride -> slabs with a free slot
+        self._live: set[int] = set()  # allocated offsets: a double free must never pass
         self.used_bytes = 0
 
     def alloc(self, nbytes: int) -> int | None:
@@ -87,6 +88,7 @@ class SlabAllocator:
         else:
             return None
         off = slab.free.pop()
+        self._live.add(off)
         slab.used += 1
         if not slab.free:
             partial.discard(slab.index)
@@ -94,9 +96,10 @@ class SlabAllocator:
         return off
 
     def free(self, offset: int) -> None:
-        slab = self.slabs[offset // self.slab_bytes]
-        if slab.stride == 0 or slab.used == 0:
+        if offset not in self._live:
             raise AssertionError(f"double free of arena offset {offset}")
+        self._live.discard(offset)
+        slab = self.slabs[offset // self.slab_bytes]
         slab.free.append(offset)
         slab.used -= 1
         self.used_bytes -= slab.stride
