@@ -231,7 +231,8 @@ class Client:
     def lookup(self, keys: Sequence[bytes]) -> LookupResult:
         """Length of the longest cached prefix of the chain ``keys`` and each hit's tier."""
         resp = self._rpc("Lookup", lambda sid: pb.LookupRequest(session_id=sid, keys=keys))
-        return LookupResult(resp.num_cached, list(resp.tiers))
+        names = list(resp.tier_names)
+        return LookupResult(resp.num_cached, [names[i] for i in resp.tier_index])
 
     def allocate(
         self,

@@ -186,9 +186,11 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         else:
             keys = self._keys(request.keys, unique=False)
         hits = self.h.lookup(keys)
-        names = [lv.tier.name for lv in self.h.levels]
         return pb.LookupResponse(
-            num_cached=len(hits), tiers=[names[e.top] for e in hits], keys=computed
+            num_cached=len(hits),
+            tier_index=[e.top for e in hits],
+            keys=computed,
+            tier_names=[lv.tier.name for lv in self.h.levels],
         )
 
     # ------------------------------------------------------------------ writes

@@ -30,6 +30,7 @@ def test_store_in_one_process_load_in_another(daemon: DaemonProc) -> None:
     expected = blocks_for(NS, tokens)
     with Client(daemon.socket, name="reader") as c:
         assert c.lookup_tokens(NS, tokens) == 128
+        assert c.lookup(NS.block_keys(tokens)).tiers == ["dram"] * 8
         # A longer prompt sharing the prefix hits the same 8 blocks.
         longer = np.concatenate([tokens[:128], np.arange(5000, 5100)])
         assert c.lookup_tokens(NS, longer) == 128
