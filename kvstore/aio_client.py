@@ -66,6 +66,9 @@ class AsyncClient:
         self._mm: mmap.mmap | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._registered: set[bytes] = set()
+        self._stub: Any = None
+        self._arena = memoryview(b"")
+        self.session_id = 0
 
     @classmethod
     async def connect(
