@@ -68,7 +68,10 @@ def map_arena(path: str, size: int) -> mmap.mmap:
     except OSError as exc:
         raise DaemonUnavailable(f"cannot open the daemon's arena {path}: {exc}") from None
     try:
-        return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        # MAP_POPULATE fills this process's page tables now: otherwise the first touch of
+        # every arena page in the client takes a page fault (~0.4 GB/s instead of memcpy).
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        return mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
 
