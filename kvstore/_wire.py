@@ -140,6 +140,16 @@ def acquired_views(resp: Any, arena: memoryview) -> list[memoryview | None]:
     ]
 
 
+def readonly_arrays(views: Sequence[memoryview]) -> list[np.ndarray]:
+    """Read-only ``np.uint8`` arrays over arena views (no copy)."""
+    out = []
+    for v in views:
+        a = np.frombuffer(v, dtype=np.uint8)
+        a.flags.writeable = False
+        out.append(a)
+    return out
+
+
 def parse_stats(resp: Any) -> dict[str, Any]:
     out: dict[str, Any] = json.loads(resp.json)
     return out
