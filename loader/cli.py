@@ -35,9 +35,10 @@ def _human(n: float) -> str:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    files = resolve_sources(args.path)
-    total = sum(t.nbytes for f in files for t in f.tensors)
     with ModelStore(_data_dir(args)) as store:
+        store.check_absent(args.name)  # before parsing and the progress bar
+        files = resolve_sources(args.path)
+        total = sum(t.nbytes for f in files for t in f.tensors)
         with tqdm(
             total=total,
             unit="B",

@@ -129,12 +129,34 @@ def open_model(
     pin: bool = True,
     populate: bool = False,
 ) -> LoadedModel:
-    """Like :func:`load_model` (host views only) but also returns the daemon's answer."""
+    """Like :func:`load_model` (host views only) but also returns the daemon's answer.
+
+    With ``populate``, the mapping is built while the daemon reads: the first call
+    returns as soon as the model's extent is reserved, the client maps and populates
+    it (the arena's pages exist already), then waits for the bytes with a second call.
+    """
+    stub = _stub(target)
     resp = _call(
-        _stub(target).LoadModel,
-        pb.LoadModelRequest(session_id=session_id, name=name, no_pin=not pin),
+        stub.LoadModel,
+        pb.LoadModelRequest(session_id=session_id, name=name, no_pin=not pin, no_wait=populate),
     )
-    return LoadedModel(tensors_from_response(resp, populate), resp)
+    tensors = tensors_from_response(resp, populate)
+    if resp.state != "ready":
+        first = resp
+        resp = _call(
+            stub.LoadModel, pb.LoadModelRequest(session_id=session_id, name=name, no_pin=True)
+        )
+        if (resp.uid, resp.shm_path, resp.shm_offset) != (
+            first.uid,
+            first.shm_path,
+            first.shm_offset,
+        ):
+            # The first load failed (its pin went with it) and this call loaded it
+            # again, or the model was re-registered meanwhile: pin the new one.
+            if pin:
+                resp = _call(stub.LoadModel, pb.LoadModelRequest(session_id=session_id, name=name))
+            tensors = tensors_from_response(resp, populate)
+    return LoadedModel(tensors, resp)
 
 
 def load_model(

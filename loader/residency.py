@@ -100,14 +100,21 @@ class ResidencyManager:
         self._closed = False
 
     # ------------------------------------------------------------------ verbs
-    def acquire(self, name: str, session_id: int = 0, pin: bool = True) -> Resident:
+    def acquire(
+        self, name: str, session_id: int = 0, pin: bool = True, wait: bool = True
+    ) -> Resident:
         """Makes ``name`` resident (loading it if needed), optionally pins it, waits.
+
+        With ``wait=False`` it returns as soon as the extent is reserved (the load runs
+        on), so a client can map the extent while the bytes arrive.
 
         Raises:
             ModelNotFoundError, ModelBudgetError, ModelChecksumError, ModelStoreError.
         """
         manifest = self.store.get(name)
         r = self._ensure(manifest, session_id if pin else None)
+        if not wait:
+            return r
         r.done.wait()
         if r.error is not None:
             raise r.error

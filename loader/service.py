@@ -23,7 +23,7 @@ from kvstore._proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.config import ConfigError, parse_size
 from loader.config import ModelsConfig
 from loader.errors import ModelError
-from loader.residency import ResidencyManager, Resident
+from loader.residency import READY, ResidencyManager, Resident
 from loader.store import ModelStore
 
 T = TypeVar("T")
@@ -71,22 +71,23 @@ class ModelsServicer(pb_grpc.ModelsServicer):
             shm_offset=r.offset,
             nbytes=m.nbytes,
             tensors=tensors,
-            was_resident=was_resident,
-            load_seconds=0.0 if was_resident else r.load_seconds,
+            was_resident=was_resident and r.state == READY,
+            load_seconds=r.load_seconds,
             direct_io=bool(r.read and r.read.direct),
+            state=r.state,
         )
 
-    def _acquire(self, session_id: int, name: str, pin: bool) -> pb.LoadModelResponse:
-        before = self.manager.resident(name)
-        r = self.manager.acquire(name, session_id, pin=pin)
+    def _acquire(self, request: pb.LoadModelRequest) -> pb.LoadModelResponse:
+        before = self.manager.resident(request.name)
+        r = self.manager.acquire(
+            request.name, request.session_id, pin=not request.no_pin, wait=not request.no_wait
+        )
         return self._response(r, before is r)
 
     async def LoadModel(
         self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.LoadModelResponse:
-        return await self._run(
-            context, lambda: self._acquire(request.session_id, request.name, not request.no_pin)
-        )
+        return await self._run(context, lambda: self._acquire(request))
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext

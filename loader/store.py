@@ -203,7 +203,7 @@ class ModelStore:
             ModelStoreError: I/O failure (nothing is left behind in any case).
         """
         check_name(name)
-        self._check_absent(name)
+        self.check_absent(name)
         files = source if isinstance(source, list) else resolve_sources(source)
         _check_unique(files)
         total = sum(align_up(t.nbytes) for f in files for t in f.tensors) or ALIGN
@@ -242,7 +242,7 @@ class ModelStore:
                 p.unlink(missing_ok=True)
             raise
 
-    def _check_absent(self, name: str) -> None:
+    def check_absent(self, name: str) -> None:
         with self.env.begin() as txn:
             if txn.get(_KEY_PREFIX + name.encode()) is not None:
                 raise ModelExistsError(
