@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,28 +98,33 @@ def register(subparsers: Any) -> None:
     a.add_argument("name")
     a.add_argument("path")
     a.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    a.set_defaults(func=cmd_add)
+    a.set_defaults(func=_guarded(cmd_add))
     ls = sub.add_parser("ls", help="list stored models")
     ls.add_argument("--json", action="store_true")
-    ls.set_defaults(func=cmd_ls)
+    ls.set_defaults(func=_guarded(cmd_ls))
     rm = sub.add_parser("rm", help="remove models")
     rm.add_argument("names", nargs="+")
-    rm.set_defaults(func=cmd_rm)
+    rm.set_defaults(func=_guarded(cmd_rm))
 
 
-def run(args: argparse.Namespace) -> int:
-    """Runs a parsed ``models`` command; model errors become exit status 1."""
-    try:
-        return int(args.func(args))
-    except ModelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Model errors become a one-line message and exit status 1 (no traceback)."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(fn(args))
+        except ModelError as exc:
+            print(f"kvstore models: error: {exc}", file=sys.stderr)
+            return 1
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvstore")
     register(parser.add_subparsers(dest="cmd", required=True))
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
 
 
 if __name__ == "__main__":

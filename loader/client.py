@@ -127,21 +127,25 @@ def open_model(
     name: str,
     session_id: int = 0,
     pin: bool = True,
-    populate: bool = False,
+    populate: bool | None = None,
 ) -> LoadedModel:
     """Like :func:`load_model` (host views only) but also returns the daemon's answer.
 
-    With ``populate``, the mapping is built while the daemon reads: the first call
-    returns as soon as the model's extent is reserved, the client maps and populates
-    it (the arena's pages exist already), then waits for the bytes with a second call.
+    The first call returns as soon as the model's extent is reserved; when the model
+    is still being read, the client maps and populates its pages meanwhile (the
+    arena's pages exist already, so this overlaps the disk for free), then waits for
+    the bytes with a second call.  A model already resident is mapped lazily (faster
+    than populating every page of a big model up front).
     """
     stub = _stub(target)
     resp = _call(
         stub.LoadModel,
-        pb.LoadModelRequest(session_id=session_id, name=name, no_pin=not pin, no_wait=populate),
+        pb.LoadModelRequest(session_id=session_id, name=name, no_pin=not pin, no_wait=True),
     )
-    tensors = tensors_from_response(resp, populate)
-    if resp.state != "ready":
+    loading = resp.state != "ready"
+    fill = populate if populate is not None else loading
+    tensors = tensors_from_response(resp, fill)
+    if loading:
         first = resp
         resp = _call(
             stub.LoadModel, pb.LoadModelRequest(session_id=session_id, name=name, no_pin=True)
@@ -155,7 +159,7 @@ def open_model(
             # again, or the model was re-registered meanwhile: pin the new one.
             if pin:
                 resp = _call(stub.LoadModel, pb.LoadModelRequest(session_id=session_id, name=name))
-            tensors = tensors_from_response(resp, populate)
+            tensors = tensors_from_response(resp, fill)
     return LoadedModel(tensors, resp)
 
 
@@ -165,7 +169,7 @@ def load_model(
     device: str | torch.device = "cpu",
     session_id: int = 0,
     pin: bool = True,
-    populate: bool = False,
+    populate: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Loads model ``name`` from the daemon.
 
@@ -176,8 +180,9 @@ def load_model(
             to GPU memory through pinned buffers).
         session_id: the session that owns the pin (0: anonymous).
         pin: keep the model's bytes stable until :func:`release_model` / swap.
-        populate: map every page before returning (no page faults on first use;
-            costs ~0.2 s per GiB here); by default pages map lazily on first use.
+        populate: map every page before returning (no page faults on first use).
+            Default: only while the daemon is still reading the model (free then);
+            a resident model's pages map lazily on first use.
 
     Raises:
         ModelNotFoundError, ModelBudgetError, ModelChecksumError (naming the tensor), ...

@@ -85,7 +85,12 @@ class ResidencyManager:
 
         self.store = store
         self.config = config
-        self.arena = ModelArena(config.shm_dir, config.dram_budget, config.prefault)
+        # The arena (DRAM budget, pre-faulted) is made when the first model is stored
+        # or asked for: a daemon that never serves weights holds no memory for them.
+        self._arena: ModelArena | None = None
+        self._arena_lock = threading.Lock()
+        if store.list_models():
+            self._make_arena()
         self.pipeline = ReadPipeline(
             io_threads=config.io_threads,
             ring_buffers=config.ring_buffers,
@@ -98,6 +103,22 @@ class ResidencyManager:
         self._lock = threading.Lock()
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="loader-load")
         self._closed = False
+
+    def _make_arena(self) -> ModelArena:
+        with self._arena_lock:
+            if self._arena is None:
+                c = self.config
+                self._arena = ModelArena(c.shm_dir, c.dram_budget, c.prefault)
+            return self._arena
+
+    @property
+    def arena(self) -> ModelArena:
+        """The DRAM arena of resident models (created on first use)."""
+        return self._arena if self._arena is not None else self._make_arena()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Waits until the arena is pre-faulted (True at once when there is none yet)."""
+        return self._arena.wait_prefaulted(timeout) if self._arena is not None else True
 
     # ------------------------------------------------------------------ verbs
     def acquire(
@@ -275,10 +296,11 @@ class ResidencyManager:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             c = self.counters
+            a = self._arena
             return {
-                "dram_budget": self.arena.size,
-                "dram_used": self.arena.size - self.arena.allocator.free_bytes,
-                "prefaulted": self.arena.prefaulted,
+                "dram_budget": a.size if a is not None else self.config.dram_budget,
+                "dram_used": a.size - a.allocator.free_bytes if a is not None else 0,
+                "prefaulted": a.prefaulted if a is not None else 0,
                 "resident": sorted(r.name for r in self._by_uid.values()),
                 "loads": c.loads,
                 "load_bytes": c.load_bytes,
@@ -293,4 +315,5 @@ class ResidencyManager:
             self._closed = True
         self._loader.shutdown(wait=True)
         self.pipeline.close()
-        self.arena.close()
+        if self._arena is not None:
+            self._arena.close()

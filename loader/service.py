@@ -193,7 +193,7 @@ async def _serve(args: argparse.Namespace) -> None:
     server.add_insecure_port(f"unix://{args.socket}")
     await server.start()
     if args.wait_prefault and _servicer is not None:
-        await asyncio.to_thread(_servicer.manager.arena.wait_prefaulted)
+        await asyncio.to_thread(_servicer.manager.wait_ready)
     print(f"ready {args.socket}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
