@@ -13,6 +13,7 @@ import contextlib
 import signal
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,10 +41,13 @@ class ModelsServicer(pb_grpc.ModelsServicer):
         self.store = ModelStore(data_dir)
         self.manager = ResidencyManager(self.store, options)
         self._tensor_cache: dict[str, list[pb.ModelTensor]] = {}
+        # Our own threads: a call waiting for a multi-second load must not take one
+        # of the event loop's default executor threads (the KV path uses those).
+        self._pool = ThreadPoolExecutor(32, thread_name_prefix="models-rpc")
 
     async def _run(self, context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
         try:
-            return await asyncio.to_thread(fn)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
         except ModelError as exc:
             await context.abort(grpc.StatusCode[exc.code], str(exc))
             raise AssertionError("unreachable") from exc  # abort raises
@@ -63,6 +67,8 @@ class ModelsServicer(pb_grpc.ModelsServicer):
                 )
                 for t in m.tensors
             ]
+            if len(self._tensor_cache) >= 256:  # models come and go; keep it bounded
+                self._tensor_cache.clear()
             self._tensor_cache[m.uid] = tensors
         return pb.LoadModelResponse(
             name=m.name,
@@ -142,6 +148,7 @@ class ModelsServicer(pb_grpc.ModelsServicer):
         return await self._run(context, run)
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True)
         self.manager.close()
         self.store.close()
 

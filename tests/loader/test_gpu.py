@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -24,3 +26,29 @@ def test_cuda_request_without_cuda_is_clear() -> None:
         pytest.skip("a CUDA device is present")
     with pytest.raises(RuntimeError, match="no CUDA device"):
         copy_to_cuda({"a": torch.ones(2)}, torch.device("cuda"))
+
+
+@pytest.mark.gpu
+def test_load_file_straight_to_cuda(tmp_path: Path) -> None:
+    from loader.gpu import load_file_to_cuda
+    from loader.store import ModelStore
+    from tests.loader.conftest import write_model
+
+    ref = small_model(2, layers=6)
+    with ModelStore(tmp_path / "d") as st:
+        m = st.add("m", write_model(tmp_path / "m.safetensors", ref))
+        got = load_file_to_cuda(str(st.data_path(m)), m, torch.device("cuda"))
+    for k, v in ref.items():
+        assert torch.equal(got[k].cpu(), v), k
+
+
+def test_cuda_sink_protocol_on_cpu() -> None:
+    """The sink's copy logic, run with a CPU buffer (the CPU twin of the GPU path)."""
+    from loader.gpu import CudaSink
+
+    sink = CudaSink.__new__(CudaSink)
+    sink.buffer = torch.zeros(8192, dtype=torch.uint8)
+    data = bytearray(range(256)) * 16
+    sink.consume(4096, memoryview(data))
+    assert sink.target(0, 4096) is None
+    assert bytes(sink.buffer[4096:].numpy()) == bytes(data)
