@@ -23,7 +23,7 @@ KEYS = (
 def test_weight_swap_json(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "bench.weight_swap", "--json", "--model-bytes", "8MiB"]
     cmd += ["--hidden", "256", "--repeats", "1", "--work-dir", str(tmp_path / "w")]
-    cmd += ["--chart", str(tmp_path / "c.png")]
+    cmd += ["--chart", str(tmp_path / "c.png"), "--settle", "0", "--no-drop-caches"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout)
