@@ -31,8 +31,11 @@ class ModelsConfig:
         prefault: touch the whole arena at start (in the background) so loads never
             pay first-touch page faults (~0.4 GB/s on small VMs).
         policy: eviction policy among unpinned resident models (a registered name).
-        ring_buffers: buffers in the read ring = the most reads in flight.
+        ring_buffers: buffers in the read ring (used when reads cannot land in the
+            destination directly, e.g. GPU); bounds the pipeline's own memory.
         ring_buffer_bytes: size of each buffer and of each read.
+        max_inflight: reads in flight (loads into DRAM land straight in the arena, so
+            depth costs no memory; this disk reads ~2x faster at 64 than at 8).
         io_threads: threads issuing reads.
         direct_io: read with O_DIRECT (falls back to buffered reads if refused).
         verify_checksums: verify every tensor's xxh3_64 on load.
@@ -44,7 +47,8 @@ class ModelsConfig:
     policy: str = "lru"
     ring_buffers: int = 8
     ring_buffer_bytes: int = 8 << 20
-    io_threads: int = 8
+    max_inflight: int = 64
+    io_threads: int = 64
     direct_io: bool = True
     verify_checksums: bool = True
 
@@ -62,6 +66,8 @@ class ModelsConfig:
             raise ConfigError(
                 f"models.ring_buffer_bytes: a multiple of {ALIGN} up to 1 GiB, got {rb}"
             )
+        if self.max_inflight < 1 or self.max_inflight > 1024:
+            raise ConfigError(f"models.max_inflight: 1..1024, got {self.max_inflight}")
         if self.io_threads < 1 or self.io_threads > 256:
             raise ConfigError(f"models.io_threads: 1..256, got {self.io_threads}")
         if self.policy not in POLICIES:

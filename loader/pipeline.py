@@ -103,14 +103,9 @@ class AlignedRing:
             raise ValueError(f"ring needs >= 1 buffers of a multiple of {ALIGN} bytes")
         self.count, self.size = count, size
         self._map: mmap.mmap | None = None
+        self._populated = backing is not None
         if backing is None:
             self._map = mmap.mmap(-1, count * size)
-            # Fault the ring in now: first touch of fresh pages is slow (~0.5 GB/s on
-            # small VMs) and must not be paid inside the first load.
-            try:
-                self._map.madvise(MADV_POPULATE_WRITE)
-            except OSError:
-                self._map.write(bytes(count * size))
             backing = memoryview(self._map)
         if len(backing) < count * size:
             raise ValueError("ring backing buffer too small")
@@ -122,7 +117,23 @@ class AlignedRing:
     def nbytes(self) -> int:
         return self.count * self.size
 
+    def populate(self) -> None:
+        """Faults the ring in (first touch of fresh pages is slow, ~0.5 GB/s on small
+        VMs); done on first use, so loads that never need the ring never pay for it."""
+        if self._populated or self._map is None:
+            return
+        try:
+            self._map.madvise(MADV_POPULATE_WRITE)
+        except OSError:
+            self._map.write(bytes(self.count * self.size))
+        self._populated = True
+
+    def has_free(self) -> bool:
+        return bool(self._free)
+
     def acquire(self) -> int:
+        if not self._populated:
+            self.populate()
         return self._free.popleft()
 
     def release(self, slot: int) -> None:
@@ -198,11 +209,14 @@ class ReadPipeline:
     """Reads data files through a bounded ring with many reads in flight.
 
     Args:
-        io_threads: threads issuing ``preadv`` (the reads in flight).
-        ring_buffers: buffers in the ring; also the most reads in flight.
+        io_threads: threads issuing ``preadv``.
+        ring_buffers: buffers in the ring (bounds reads in flight through the ring).
         ring_buffer_bytes: bytes per buffer and per read (a multiple of 4 KiB).
         direct: try ``O_DIRECT`` (falls back to buffered reads when refused).
         ring_backing: optional memory to carve the ring from (pinned memory for GPUs).
+        max_inflight: most reads in flight (default ``ring_buffers``).  Reads that land
+            straight in the destination cost no ring memory, so they can go deeper:
+            a virtio disk here reads ~2x faster at 64 x 8 MiB in flight than at 8.
 
     Thread contract: one :meth:`read` at a time per pipeline (the ring is shared);
     the residency manager serializes loads.
@@ -215,9 +229,11 @@ class ReadPipeline:
         ring_buffer_bytes: int = 8 << 20,
         direct: bool = True,
         ring_backing: memoryview | None = None,
+        max_inflight: int | None = None,
     ) -> None:
         self.ring = AlignedRing(ring_buffers, ring_buffer_bytes, ring_backing)
         self.direct = direct
+        self.max_inflight = max(1, max_inflight or ring_buffers)
         self._pool = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="loader-io")
         self._lock = threading.Lock()
 
@@ -312,11 +328,13 @@ class ReadPipeline:
                 )
             for off in range(0, nbytes, step):
                 length = min(step, nbytes - off)
-                while len(inflight) >= self.ring.count:
+                while len(inflight) >= self.max_inflight:
                     complete()
                 dst = sink.target(off, length)
                 slot = -1
                 if dst is None:
+                    while not self.ring.has_free():
+                        complete()
                     slot = self.ring.acquire()
                     dst = self.ring.buffers[slot][:length]
                 inflight.append((off, dst, slot, self._pool.submit(pread, dst, off)))

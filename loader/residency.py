@@ -96,6 +96,7 @@ class ResidencyManager:
             ring_buffers=config.ring_buffers,
             ring_buffer_bytes=config.ring_buffer_bytes,
             direct=config.direct_io,
+            max_inflight=config.max_inflight,
         )
         self.policy = POLICIES.get(config.policy)(capacity_blocks=64)
         self.counters = ResidencyCounters()
