@@ -24,6 +24,7 @@ import collections
 import errno
 import mmap
 import os
+import queue
 import threading
 import time
 from collections.abc import Sequence
@@ -301,6 +302,26 @@ class ReadPipeline:
                 done += n
             return done
 
+        # Checksums of chunks read straight into the destination are computed on a
+        # hasher thread, in file order, so the submitting loop keeps the disk busy
+        # (xxh3 releases the GIL; the second core hashes while reads are in flight).
+        hq: queue.Queue[tuple[int, memoryview] | None] = queue.Queue()
+        herr: list[BaseException] = []
+
+        def hash_loop() -> None:
+            while (item := hq.get()) is not None:
+                try:
+                    if not herr and verifier is not None:
+                        verifier.update(*item)
+                except ModelChecksumError as exc:
+                    herr.append(exc)
+                finally:
+                    hq.task_done()
+            hq.task_done()
+
+        hasher = threading.Thread(target=hash_loop, name="loader-hash", daemon=True)
+        hasher.start()
+
         def complete() -> None:
             off, buf, slot, fut = inflight.popleft()
             try:
@@ -315,10 +336,16 @@ class ReadPipeline:
             if slot >= 0:
                 sink.consume(off, buf)
                 stats.ring_chunks += 1
+                if verifier is not None:
+                    # Ring chunks are hashed here, before the slot is reused; first
+                    # let the hasher finish what it has, to keep file order.
+                    hq.join()
+                    if herr:
+                        raise herr[0]
+                    verifier.update(off, buf)
             else:
                 stats.zero_copy_chunks += 1
-            if verifier is not None:
-                verifier.update(off, buf)
+                hq.put((off, buf))
 
         try:
             size = os.fstat(fd_buf).st_size
@@ -340,12 +367,19 @@ class ReadPipeline:
                 inflight.append((off, dst, slot, self._pool.submit(pread, dst, off)))
             while inflight:
                 complete()
+            hq.put(None)
+            hasher.join()
+            if herr:
+                raise herr[0]
             if verifier is not None:
                 verifier.finish()
             sink.finish()
         except OSError as exc:
             raise ModelStoreError(f"reading {path}: {exc.strerror}") from None
         finally:
+            if hasher.is_alive():
+                hq.put(None)
+                hasher.join()
             # On error, wait for reads still in flight before the ring is reused.
             for _, _, slot, fut in inflight:
                 fut.exception()
