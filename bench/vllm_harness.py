@@ -115,13 +115,17 @@ def _engine(spec: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         out = llm.generate([TokensPrompt(prompt_token_ids=st["prompt"])], sp, use_tqdm=False)
         dt = time.perf_counter() - t0
-        steps.append(
-            {
-                "tokens": list(out[0].outputs[0].token_ids),
-                "num_cached_tokens": int(out[0].num_cached_tokens or 0),
-                "seconds": dt,
-            }
-        )
+        step: dict[str, Any] = {
+            "tokens": list(out[0].outputs[0].token_ids),
+            "num_cached_tokens": int(out[0].num_cached_tokens or 0),
+            "seconds": dt,
+        }
+        if kv is not None and kv.get("stats_dir"):
+            from kvstore.integrations.vllm_core import read_counters
+
+            # The connectors flush their counters at the end of each engine step.
+            step["counters"] = read_counters(kv["stats_dir"])
+        steps.append(step)
     return {"steps": steps, "startup_s": startup}
 
 

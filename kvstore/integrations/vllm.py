@@ -38,6 +38,7 @@ Supported: vLLM's CPU platform (layout ``vllm_cpu``), one KV cache group
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -178,6 +179,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         # scheduler side
         self._planner = PrefixPlanner(self._block_size, load=self._load, save=self._save)
         self._keys: dict[str, list[BlockKey]] = {}
+        self._bypass: set[str] = set()  # requests whose KV depends on more than tokens
         # worker side
         self._paged: PagedBlocks | None = None
         self._load_errors: set[int] = set()
@@ -204,9 +206,11 @@ class KVStoreConnector(KVConnectorBase_V1):
 
     @staticmethod
     def _cacheable(request: Request) -> bool:
-        # KV of these depends on more than the token ids: keys would collide.
+        # KV of these depends on more than the token ids (or, for a cache salt, must
+        # not be shared): token-derived keys would mix them up.
         return (
             request.prompt_token_ids is not None
+            and getattr(request, "cache_salt", None) is None
             and getattr(request, "lora_request", None) is None
             and not getattr(request, "mm_features", None)
             and getattr(request, "prompt_embeds", None) is None
@@ -217,23 +221,26 @@ class KVStoreConnector(KVConnectorBase_V1):
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
         """Leading prompt tokens beyond ``num_computed_tokens`` that kvstore holds."""
-        if not self._load or not self._cacheable(request):
+        req_id = request.request_id
+        if not self._cacheable(request):
+            self._bypass.add(req_id)
             return 0, False
         prompt = request.prompt_token_ids
         assert prompt is not None
-        req_id = request.request_id
         n = self._planner.lookup_blocks(len(prompt), request.num_tokens)
         hit = 0
-        if n * self._block_size > num_computed_tokens:
+        if self._load and n * self._block_size > num_computed_tokens:
             client = self._link.get()
             if client is not None:
                 keys = self._keys.get(req_id)
                 if keys is None or len(keys) < n:
                     keys = self._keys[req_id] = self._ns.block_keys(prompt[: n * self._block_size])
+                t0 = time.perf_counter()
                 try:
                     hit = min(client.lookup(keys[:n]).num_cached, n)
                 except KVStoreError as exc:
                     self._daemon_error("lookup", exc)
+                self.counters.lookup_s += time.perf_counter() - t0
                 self.counters.lookups += 1
                 self.counters.lookup_tokens += n * self._block_size
                 self._dirty = True
@@ -255,9 +262,9 @@ class KVStoreConnector(KVConnectorBase_V1):
         plan = ConnectorPlan(loads=self._planner.take_loads())
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
-            if new.prompt_token_ids is None or new.req_id not in scheduled:
+            if new.prompt_token_ids is None or new.req_id in self._bypass:
                 continue
-            if new.lora_request is not None or new.mm_features:
+            if new.req_id not in scheduled or new.lora_request is not None or new.mm_features:
                 continue
             t = self._planner.on_scheduled(
                 new.req_id,
@@ -270,6 +277,8 @@ class KVStoreConnector(KVConnectorBase_V1):
                 plan.saves.append(t)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
+            if req_id in self._bypass:
+                continue
             ids = cached.new_block_ids[i]
             group = ids[0] if ids is not None else None
             resumed = req_id in cached.resumed_req_ids
@@ -292,6 +301,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         # Saves finish inside the step (wait_for_save), so blocks may be freed now.
         self._planner.finish(request.request_id)
         self._keys.pop(request.request_id, None)
+        self._bypass.discard(request.request_id)
         return False, None
 
     # ------------------------------------------------------------------ worker side
@@ -327,6 +337,7 @@ class KVStoreConnector(KVConnectorBase_V1):
             if client is None:
                 self._fail(t)
                 continue
+            t0 = time.perf_counter()
             try:
                 out = load_blocks(client, self._ns, self._paged, t)
             except KVStoreError as exc:
@@ -334,6 +345,8 @@ class KVStoreConnector(KVConnectorBase_V1):
                 client = self._link.get()
                 self._fail(t)
                 continue
+            finally:
+                self.counters.load_s += time.perf_counter() - t0
             self.counters.loaded_blocks += out.loaded
             if out.failed_block_ids:
                 self.counters.failed_blocks += len(out.failed_block_ids)
@@ -371,11 +384,14 @@ class KVStoreConnector(KVConnectorBase_V1):
                 client = self._link.get()
                 if client is None:
                     break
+                t0 = time.perf_counter()
                 try:
                     out = save_blocks(client, self._ns, self._paged, t)
                 except KVStoreError as exc:
                     self._daemon_error("save", exc)
                     continue
+                finally:
+                    self.counters.save_s += time.perf_counter() - t0
                 self.counters.saves += 1
                 self.counters.saved_blocks += out.new
                 self.counters.present_blocks += out.present

@@ -638,6 +638,9 @@ class ConnectorCounters:
     present_blocks: int = 0
     busy_blocks: int = 0
     daemon_errors: int = 0
+    lookup_s: float = 0.0  # seconds spent in lookups (scheduler)
+    load_s: float = 0.0  # seconds spent loading blocks into the cache (worker)
+    save_s: float = 0.0  # seconds spent saving blocks (worker)
 
     def dump(self, stats_dir: str | None, role: str) -> None:
         """Writes the counters to ``stats_dir/<role>-<pid>.json`` (atomically)."""
@@ -651,7 +654,7 @@ class ConnectorCounters:
         tmp.replace(path)
 
 
-def read_counters(stats_dir: str | Path) -> dict[str, dict[str, int]]:
+def read_counters(stats_dir: str | Path) -> dict[str, dict[str, float]]:
     """Every counters file in ``stats_dir``, by file stem (``scheduler-123``, ``worker-124``)."""
     out = {}
     for p in sorted(Path(stats_dir).glob("*.json")):
