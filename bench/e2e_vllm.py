@@ -100,7 +100,9 @@ def bench_model(
     run_engine(spec(kv("fill"), [warm, *one]), workdir / "runs", f"{name}-fill")
 
     timed = [{"prompt": b, "max_tokens": 1} for L in lengths for b in prompts_b[L]]
-    suffix_only = [{"prompt": random_prompt(SUFFIX, seed=50 + i), "max_tokens": 1} for i in range(pairs)]
+    suffix_only = [
+        {"prompt": random_prompt(SUFFIX, seed=50 + i), "max_tokens": 1} for i in range(pairs)
+    ]
     say(f"[{name}] engine 2 (fresh, kvstore): {len(timed)} timed requests")
     hot = run_engine(spec(kv("load"), [warm, *suffix_only, *timed]), workdir / "runs", f"{name}-kv")
     say(f"[{name}] engine 3 (fresh, no kvstore): {len(timed)} timed requests")
