@@ -54,7 +54,8 @@ $(VLLM_STAMP): pyproject.toml
 
 vllm-env: $(VLLM_STAMP)
 
-# End-to-end vLLM tests (slow; a daemon and three vLLM engines, ~2-3 min on 2 cores).
+# vLLM tests (slow): the connector against vLLM's scheduler in process (~2 min), then
+# end to end with a daemon and four vLLM engine processes (~5-10 min on a busy 2-core VM).
 test-vllm: $(VLLM_STAMP)
 	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -m slow tests/kvstore/integrations $(ARGS)
 
