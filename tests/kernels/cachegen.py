@@ -123,3 +123,16 @@ def reference_block(c: Cache, b: int) -> bytes:
 
 def as_bytes(t: torch.Tensor) -> bytes:
     return t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def direct_block(c: Cache, b: int) -> bytes:
+    """The canonical bytes of block ``b`` by whole-block slicing (fast; for big caches)."""
+    parts: list[bytes] = []
+    for layer in c.layers:
+        if c.layout == "vllm_cpu":
+            assert isinstance(layer, torch.Tensor)
+            parts.append(as_bytes(layer[b]))
+            continue
+        kv = (layer[0], layer[1]) if isinstance(layer, torch.Tensor) else layer
+        parts.extend(as_bytes(part[b]) for part in kv)
+    return b"".join(parts)

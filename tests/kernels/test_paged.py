@@ -234,3 +234,11 @@ def test_launch_plan_prefers_16_byte_vectors_for_real_layouts() -> None:
     # 16 tokens x 8 heads x 128 dims x bf16 = 32 KiB planes, 256-byte aligned bases.
     lp = cuda_paged.plan(64, 64, 32 << 10, [0x7F0000000000, 32 << 10], 64 * (32 << 10))
     assert lp.vec == 16 and lp.chunks == 2 and lp.grid == 64 * 64 * 2
+
+
+def test_direct_reference_agrees_with_naive_one() -> None:
+    from tests.kernels.cachegen import direct_block
+
+    for layout, form in CASES:
+        c = _cache(layout, form, torch.bfloat16, seed=3)
+        assert direct_block(c, 4) == reference_block(c, 4)
