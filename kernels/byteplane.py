@@ -12,6 +12,7 @@ arrays (a cupy ``RawKernel``), and returns the same kind.
 
 from __future__ import annotations
 
+import sys
 from functools import cache
 from typing import Any
 
@@ -29,6 +30,8 @@ SEL_HI_PAIR = 0x7362
 """lo2, hi2, lo3, hi3 from (lo, hi): the next two values, interleaved."""
 
 THREADS = 256
+_CHUNK = 1 << 16  # values per step of the numpy twin (128 KiB: stays in L2)
+_LITTLE = sys.byteorder == "little"  # byte 0 is the low byte
 
 CUDA_SOURCE = (
     r"""
@@ -121,9 +124,16 @@ def split(src: Any, out: Any = None) -> Any:
     if dst.size != a.size:
         raise BytePlaneError(f"out has {dst.size} bytes, need {a.size}")
     n = a.size // 2
-    pairs = a.reshape(n, 2)
-    dst[:n] = pairs[:, 0]
-    dst[n:] = pairs[:, 1]
+    if not _LITTLE:
+        pairs = a.reshape(n, 2)
+        dst[:n] = pairs[:, 0]
+        dst[n:] = pairs[:, 1]
+        return dst if out is None else out
+    v = a.view(np.uint16)
+    for s in range(0, n, _CHUNK):  # chunks keep the shifted temporary in cache
+        e = min(n, s + _CHUNK)
+        np.copyto(dst[s:e], v[s:e], casting="unsafe")  # truncation keeps the low byte
+        np.copyto(dst[n + s : n + e], v[s:e] >> 8, casting="unsafe")
     return dst if out is None else out
 
 
@@ -149,9 +159,18 @@ def merge(planes: Any, out: Any = None) -> Any:
     if dst.size != a.size:
         raise BytePlaneError(f"out has {dst.size} bytes, need {a.size}")
     n = a.size // 2
-    pairs = dst.reshape(n, 2)
-    pairs[:, 0] = a[:n]
-    pairs[:, 1] = a[n:]
+    if not _LITTLE:
+        pairs = dst.reshape(n, 2)
+        pairs[:, 0] = a[:n]
+        pairs[:, 1] = a[n:]
+        return dst if out is None else out
+    o16 = dst.view(np.uint16)
+    for s in range(0, n, _CHUNK):
+        e = min(n, s + _CHUNK)
+        o = o16[s:e]
+        np.copyto(o, a[n + s : n + e])
+        o <<= 8
+        o |= a[s:e]
     return dst if out is None else out
 
 

@@ -169,6 +169,16 @@ def _plane_arrays(kv: PagedKV) -> tuple[torch.Tensor, torch.Tensor]:
     return arrs
 
 
+def _enqueue(device: torch.device, grid: int, args: tuple[Any, ...]) -> None:
+    """Launches the kernel on torch's current stream of ``device`` (tests replace this
+    with a CPU emulation of the kernel to check the arguments)."""
+    import cupy
+
+    stream = torch.cuda.current_stream(device)
+    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream):
+        _kernel()((grid,), (THREADS,), args)
+
+
 def launch(
     kv: PagedKV,
     ids: torch.Tensor,
@@ -185,8 +195,6 @@ def launch(
         per_block: one uint8 tensor per block (used when ``flat`` is ``None``).
         to_paged: ``True`` scatters blocks into the cache, ``False`` gathers.
     """
-    import cupy
-
     n = ids.numel()
     plane_ptrs, plane_strides = _plane_arrays(kv)
     if flat is not None:
@@ -204,7 +212,6 @@ def launch(
         [p.data_ptr() for p in kv.planes] + list(kv.plane_strides) + blk_addrs,
         kv.block_nbytes,
     )
-    stream = torch.cuda.current_stream(kv.device)
     args = (
         np.uint64(plane_ptrs.data_ptr()),
         np.uint64(plane_strides.data_ptr()),
@@ -219,8 +226,7 @@ def launch(
         np.int32(lp.vec),
         np.int32(1 if to_paged else 0),
     )
-    with cupy.cuda.Device(kv.device.index), cupy.cuda.ExternalStream(stream.cuda_stream):
-        _kernel()((lp.grid,), (THREADS,), args)
+    _enqueue(kv.device, lp.grid, args)
     # The temporaries are freed through torch's stream-ordered caching allocator,
     # so they outlive the kernel that reads them.
     del blk_arr

@@ -195,32 +195,54 @@ def scatter_blocks(
 
 
 # ---------------------------------------------------------------- CPU twins
+# On CPU tensors the twin copies one block-plane at a time through numpy, plane by
+# plane.  Measured on the 2-core VM (bench/results/gpu.md): torch's index_select /
+# index_copy_ / copy_ split every copy above 32 K elements across OpenMP threads and
+# fall to a tenth of memcpy speed when the cores are busy; a numpy slice assignment
+# is one plain memcpy.  On CUDA tensors (the twin as a fallback, or a reference in
+# tests) one torch op per plane keeps the launches few.
 def _gather_twin(kv: PagedKV, ids: torch.Tensor, dst: _Blocks) -> None:
     pn = kv.plane_nbytes
     n_planes = len(kv.planes)
-    if dst.flat is not None:
-        out = dst.flat.view(ids.numel(), n_planes, pn)
-        for p in range(n_planes):
-            # index_select writes straight into the strided slice: one pass over the bytes.
-            torch.index_select(kv.plane_bytes(p), 0, ids, out=out[:, p])
+    if kv.device.type != "cpu":
+        if dst.flat is not None:
+            out = dst.flat.view(ids.numel(), n_planes, pn)
+            for p in range(n_planes):
+                torch.index_select(kv.plane_bytes(p), 0, ids, out=out[:, p])
+        else:
+            for p in range(n_planes):
+                sel = kv.plane_bytes(p).index_select(0, ids)
+                for i, t in enumerate(dst.per_block):
+                    t.view(n_planes, pn)[p].copy_(sel[i])
         return
-    planes = [kv.plane_bytes(p) for p in range(n_planes)]
-    for i, bid in enumerate(ids.tolist()):
-        blk = dst.per_block[i].view(n_planes, pn)
-        for p, plane in enumerate(planes):
-            blk[p].copy_(plane[bid])
+    if dst.flat is not None:
+        blocks = list(dst.flat.numpy().reshape(ids.numel(), n_planes, pn))
+    else:
+        blocks = [t.numpy().reshape(n_planes, pn) for t in dst.per_block]
+    id_list = ids.tolist()
+    for p in range(n_planes):
+        plane = kv.plane_bytes(p).numpy()
+        for blk, bid in zip(blocks, id_list, strict=True):
+            blk[p] = plane[bid]
 
 
 def _scatter_twin(kv: PagedKV, ids: torch.Tensor, src: _Blocks) -> None:
     pn = kv.plane_nbytes
     n_planes = len(kv.planes)
-    if src.flat is not None:
-        blocks = src.flat.view(ids.numel(), n_planes, pn)
+    if kv.device.type != "cpu":
+        if src.flat is not None:
+            flat = src.flat.view(ids.numel(), n_planes, pn)
+        else:
+            flat = torch.stack([t.view(n_planes, pn) for t in src.per_block])
         for p in range(n_planes):
-            kv.plane_bytes(p).index_copy_(0, ids, blocks[:, p])
+            kv.plane_bytes(p).index_copy_(0, ids, flat[:, p])
         return
-    planes = [kv.plane_bytes(p) for p in range(n_planes)]
-    for i, bid in enumerate(ids.tolist()):
-        blk = src.per_block[i].view(n_planes, pn)
-        for p, plane in enumerate(planes):
-            plane[bid].copy_(blk[p])
+    if src.flat is not None:
+        blocks = list(src.flat.numpy().reshape(ids.numel(), n_planes, pn))
+    else:
+        blocks = [t.numpy().reshape(n_planes, pn) for t in src.per_block]
+    id_list = ids.tolist()
+    for p in range(n_planes):
+        plane = kv.plane_bytes(p).numpy()
+        for blk, bid in zip(blocks, id_list, strict=True):
+            plane[bid] = blk[p]

@@ -15,7 +15,7 @@ def _naive_split(b: bytes) -> bytes:
     return bytes(b[0::2]) + bytes(b[1::2])
 
 
-@pytest.mark.parametrize("n", [0, 1, 7, 8, 1000, 4099])
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 1000, 4099, 3 * 65536 + 5])
 def test_split_matches_naive_and_merge_inverts(n: int) -> None:
     rng = np.random.default_rng(n)
     vals = rng.integers(0, 1 << 16, n, dtype=np.uint16)
