@@ -407,6 +407,10 @@ class Hierarchy:
         except TierIOError as exc:
             dst_t.free(h)
             self._note_io_error(exc)
+            # A copy the tier cannot read (its write failed, the disk errs) is no copy.
+            self._remove_copy(e, src)
+            if e.top == -1:
+                self._forget(e)
             return Status.NOT_FOUND
         self._set_loc(e, t_to, h)
         self.levels[t_to].policy.on_insert(e)
@@ -539,6 +543,7 @@ class Hierarchy:
                 continue
             if self._copy_down(e, e.top, pt):
                 n += 1
+        self.levels[pt].tier.flush()  # durable before the daemon exits
         return n
 
     def resident_blocks(self, t: int) -> int:

@@ -306,23 +306,24 @@ class NvmeTier(Tier):
         buf = s.staging
         assert buf is not None and s.seg is not None
         mv = memoryview(buf)
+        err = ""  # a message, not the exception: its traceback would pin the buffer
         try:
             if not s.checksum:
                 s.checksum = xxhash.xxh3_64_intdigest(mv[: s.nbytes])
             self.io.pwrite(s.seg.f, mv[: s.length], s.off)
-            err: OSError | None = None
         except OSError as exc:
-            err = exc
+            err = str(exc)
         finally:
             mv.release()
         with self._lock:
             s.staging = None
-            self.counters["writes"] += 1
-            self.counters["write_bytes"] += s.nbytes
-            if err is None and s.state == SlotState.WRITING:
-                s.state = SlotState.WRITTEN
+            if not err:
+                self.counters["writes"] += 1
+                self.counters["write_bytes"] += s.nbytes
+                if s.state == SlotState.WRITING:
+                    s.state = SlotState.WRITTEN
         self.staging.release(buf)
-        if err is not None:
+        if err:
             self._fail_slots([s], f"write to {s.seg.path} failed: {err}")
             return
         self._commit_q.put(s)
@@ -557,6 +558,7 @@ class NvmeTier(Tier):
                         if alive:  # later reads raise ChecksumMismatch: a miss
                             s.state = SlotState.CORRUPT
                             s.why = "checksum mismatch (found by compaction)"
+                            self.counters["checksum_failures"] += 1
                             seg.kill(s)
                             s.seg = None
                             ops.append(DeleteIf(s.key, seg.id, s.off))

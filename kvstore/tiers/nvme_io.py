@@ -155,7 +155,10 @@ class StagingPool:
         with self._cv:
             for lst in self._free.values():
                 for b in lst:
-                    b.close()
+                    try:
+                        b.close()
+                    except BufferError:  # still viewed somewhere: the GC unmaps it later
+                        pass
             self._free.clear()
 
 

@@ -126,7 +126,9 @@ def test_read_many_in_parallel(tmp_path: Path) -> None:
         t.flush()
         blocks.append(put(t, key_of(99), 128 * KB))  # maybe still in flight: also fine
         dsts = [bytearray(e.nbytes) for _, e, _ in blocks]
-        res = t.read_many([(h, e, memoryview(d)) for (h, e, _), d in zip(blocks, dsts, strict=True)])
+        res = t.read_many(
+            [(h, e, memoryview(d)) for (h, e, _), d in zip(blocks, dsts, strict=True)]
+        )
         assert res == [None] * len(blocks)
         assert all(bytes(d) == data for d, (_, _, data) in zip(dsts, blocks, strict=True))
         assert t.stats()["read_many_calls"] == 1
@@ -284,7 +286,9 @@ def test_from_config_defaults_and_options(tmp_path: Path) -> None:
         assert t.opts.segment_bytes == 2 << 20 and t.opts.io_threads == 3
     finally:
         t.close()
-    cfg = TierConfig("disk", "nvme", 1 << 30, options={"path": str(tmp_path / "x"), "o_direct": False})
+    cfg = TierConfig(
+        "disk", "nvme", 1 << 30, options={"path": str(tmp_path / "x"), "o_direct": False}
+    )
     t = TIERS.get("nvme").from_config(cfg, tmp_path)
     try:
         assert t.path == tmp_path / "x" and t.stats()["o_direct"] is False
