@@ -1,3 +1,14 @@
-"""Tier backends; importing this package registers every kind in ``TIERS``."""
+"""Tier backends, registered by kind in :data:`kvstore.tiers.base.TIERS`."""
 
-from kvstore.tiers import nvme as nvme  # noqa: F401 - registers "nvme"
+from __future__ import annotations
+
+import importlib
+
+# Modules that register a backend when imported; optional ones need extra packages.
+_BACKENDS = ("kvstore.tiers.dram", "kvstore.tiers.nvme")
+
+
+def load_backends() -> None:
+    """Imports every backend module so its kind is registered."""
+    for mod in _BACKENDS:
+        importlib.import_module(mod)
