@@ -1,5 +1,6 @@
 """kvstore: KV-cache tiering and model-weight storage for LLM serving engines."""
 
+from kvstore.aio_client import AsyncBlockLease, AsyncClient
 from kvstore.client import BlockLease, Client
 from kvstore.errors import (
     DaemonUnavailable,
@@ -12,6 +13,8 @@ from kvstore.errors import (
 from kvstore.keys import BlockKey, Namespace
 
 __all__ = [
+    "AsyncBlockLease",
+    "AsyncClient",
     "BlockKey",
     "BlockLease",
     "Client",

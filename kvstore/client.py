@@ -53,11 +53,7 @@ class BlockLease:
         self._client = client
         self.keys = list(keys)
         self._views = views
-        self.arrays = []
-        for v in views:
-            a = np.frombuffer(v, dtype=np.uint8)
-            a.flags.writeable = False
-            self.arrays.append(a)
+        self.arrays = w.readonly_arrays(views)
         self.num_tokens = len(keys) * bt
         self._open = True
 
@@ -231,7 +227,8 @@ class Client:
     def lookup(self, keys: Sequence[bytes]) -> LookupResult:
         """Length of the longest cached prefix of the chain ``keys`` and each hit's tier."""
         resp = self._rpc("Lookup", lambda sid: pb.LookupRequest(session_id=sid, keys=keys))
-        return LookupResult(resp.num_cached, list(resp.tiers))
+        names = list(resp.tier_names)
+        return LookupResult(resp.num_cached, [names[i] for i in resp.tier_index])
 
     def allocate(
         self,

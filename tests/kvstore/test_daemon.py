@@ -30,6 +30,7 @@ def test_store_in_one_process_load_in_another(daemon: DaemonProc) -> None:
     expected = blocks_for(NS, tokens)
     with Client(daemon.socket, name="reader") as c:
         assert c.lookup_tokens(NS, tokens) == 128
+        assert c.lookup(NS.block_keys(tokens)).tiers == ["dram"] * 8
         # A longer prompt sharing the prefix hits the same 8 blocks.
         longer = np.concatenate([tokens[:128], np.arange(5000, 5100)])
         assert c.lookup_tokens(NS, longer) == 128
@@ -129,3 +130,23 @@ options = { slab_bytes = "64KiB" }
         # Released: now it fits (the LRU tail is evicted).
         other = np.arange(10_000, 10_064)
         assert c.store_tokens(ns, other, blocks_for(ns, other)).new == 1
+
+
+def test_async_client_round_trip(daemon: DaemonProc) -> None:
+    import asyncio
+
+    from kvstore.aio_client import AsyncClient
+
+    tokens = np.arange(16 * 3)
+
+    async def go() -> None:
+        async with await AsyncClient.connect(daemon.socket, name="aio") as c:
+            r = await c.store_tokens(NS, tokens, blocks_for(NS, tokens))
+            assert (r.new, r.present) == (3, 0)
+            assert await c.lookup_tokens(NS, tokens) == 48
+            async with await c.load_tokens(NS, tokens) as lease:
+                for k, a in zip(lease.keys, lease.arrays, strict=True):
+                    assert np.array_equal(a, content(k, NS.block_nbytes))
+            assert (await c.stats())["sessions"]["pins"] == 0
+
+    asyncio.run(go())
