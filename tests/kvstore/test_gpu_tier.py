@@ -330,3 +330,36 @@ def test_read_file_into_device(tmp_path: Path, use_kvikio: bool, by_fd: bool) ->
         if by_fd:
             os.close(fd)
         gpu_mod.close_device_files()
+
+
+GPU_ABOVE_DRAM = """
+[server]
+lease_timeout_s = 2.0
+
+[[tiers]]
+name = "hbm"
+kind = "gpu"
+capacity = "8MiB"
+options = { backend = "host", slab_bytes = "4MiB" }
+
+[[tiers]]
+name = "dram"
+kind = "dram"
+capacity = "64MiB"
+options = { slab_bytes = "4MiB" }
+"""
+
+
+def test_daemon_runs_with_a_gpu_tier(make_daemon) -> None:  # type: ignore[no-untyped-def]
+    """The daemon builds a `gpu` tier from its config (host twin) and serves blocks."""
+    from kvstore import Client, Namespace
+
+    d = make_daemon(GPU_ABOVE_DRAM).start()
+    ns = Namespace("m", num_layers=1, num_kv_heads=1, head_dim=64, block_tokens=16)
+    tokens = list(range(48))
+    blocks = [os.urandom(ns.block_nbytes) for _ in range(3)]
+    with Client(d.socket) as c:
+        assert c.store_tokens(ns, tokens, blocks).new == 3
+        with c.load_tokens(ns, tokens) as lease:
+            assert [a.tobytes() for a in lease.arrays] == blocks
+        assert "hbm" in str(c.stats())
