@@ -174,6 +174,10 @@ def format_stats(st: dict[str, Any]) -> str:
             f"{c['hits_by_tier'][i]:>6} {c['evictions_by_tier'][i]:>10}  {t['policy']}"
             + (f"  DEGRADED: {t['degraded']}" if t.get("degraded") else "")
         )
+        if "io_backend" in t:
+            lines.append(
+                f"{'':<11} io backend {t['io_backend']}, O_DIRECT {t['o_direct']}, path {t['path']}"
+            )
     lines.append(
         f"promotions {c['promotions']}  demotions {c['demotions']}  dropped {c['dropped']}  "
         f"checksum failures {c['checksum_failures']}  io errors {c['io_errors']}"
