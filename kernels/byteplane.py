@@ -194,11 +194,16 @@ def _cupy_run(name: str, src: Any, out: Any) -> Any:
     if dst.size != a.size:
         raise BytePlaneError(f"out has {dst.size} bytes, need {a.size}")
     n = a.size // 2
-    # The vector path needs 16-byte aligned interleaved data and 8-byte aligned planes.
-    aligned = a.data.ptr % 16 == 0 and dst.data.ptr % 16 == 0 and n % 8 == 0
-    nvec = n // 8 if aligned else 0
-    work = max(nvec, n - nvec * 8, 1)
-    grid = min(max(1, -(-work // THREADS)), 65535 * 8)
+    nvec, grid = launch_shape(a.data.ptr, dst.data.ptr, n)
     if n:
         _kernels()[name]((grid,), (THREADS,), (a, dst, np.int64(n), np.int64(nvec)))
     return dst if out is None else out
+
+
+def launch_shape(src_ptr: int, dst_ptr: int, n: int) -> tuple[int, int]:
+    """``(nvec, grid)`` for ``n`` values: groups of 8 on the vector path, thread blocks."""
+    # The vector path needs 16-byte aligned interleaved data and 8-byte aligned planes.
+    aligned = src_ptr % 16 == 0 and dst_ptr % 16 == 0 and n % 8 == 0
+    nvec = n // 8 if aligned else 0
+    work = max(nvec, n - nvec * 8, 1)
+    return nvec, min(max(1, -(-work // THREADS)), 65535 * 8)
