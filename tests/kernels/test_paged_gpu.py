@@ -52,6 +52,7 @@ def test_cuda_gather_equals_twin(layout: str, form: str, dtype: torch.dtype, pad
     torch.cuda.synchronize()
     for i, b in enumerate(bufs):
         assert as_bytes(b[: kv.block_nbytes]) == as_bytes(want[i])
+        assert set(as_bytes(b[kv.block_nbytes :])) <= {POISON}, "wrote past the block"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -316,3 +316,23 @@ def test_gpu_store_then_load(layout: str) -> None:
     assert load_into_paged(c, ns, dst.caches, ids2, tokens, layout) == 20 * 16
     for s, d in zip(ids.tolist(), ids2.tolist(), strict=True):
         assert direct_block(dst, d) == direct_block(src, s)
+
+
+@pytest.mark.gpu
+def test_gpu_cache_through_the_real_daemon(daemon) -> None:  # type: ignore[no-untyped-def]
+    """CUDA cache -> daemon arena -> another CUDA cache, over the real client."""
+    from kvstore import Client
+
+    kw = {"layers": 8, "blocks": 64, "tokens": 16, "heads": 4, "head_dim": 64, "device": "cuda"}
+    src = make_cache("vllm_gpu", torch.bfloat16, seed=21, **kw)
+    dst = make_cache("vllm_gpu", torch.bfloat16, seed=22, **kw)
+    kv = describe_kv_caches(src.caches, "vllm_gpu")
+    ns = _ns(kv, "vllm_gpu")
+    tokens = np.arange(30 * 16) + 1
+    ids = torch.randperm(64)[:30]
+    ids2 = torch.randperm(64)[:30]
+    with Client(daemon.socket, name="paged-io-gpu") as c:
+        assert store_from_paged(c, ns, src.caches, ids.cuda(), tokens, "vllm_gpu").new == 30
+        assert load_into_paged(c, ns, dst.caches, ids2, tokens, "vllm_gpu") == 30 * 16
+    for s, d in zip(ids.tolist(), ids2.tolist(), strict=True):
+        assert direct_block(dst, d) == direct_block(src, s)
