@@ -232,8 +232,10 @@ def bench_paged_gpu(quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
-def _tier_copies(arena: Any, total: int, block: int, reps: int) -> tuple[float, float]:
-    """Seconds to write every block of the arena into a GPU tier, and to read it back."""
+def _tier_copies(arena: Any, total: int, block: int, reps: int) -> dict[str, float]:
+    """Seconds to write every block of the arena into a GPU tier and to read it back,
+    one ``cudaMemcpy`` per block (``write``/``read_into``) and batched on one stream
+    (``write_many``/``read_many``)."""
     import cupy
 
     from kvstore.entry import BlockEntry
@@ -245,25 +247,28 @@ def _tier_copies(arena: Any, total: int, block: int, reps: int) -> tuple[float, 
                    locs=[None], kid_tops=[0])  # fmt: skip
     handles = [tier.reserve(block, e) for _ in range(n)]
     views = [arena.view[i * block : (i + 1) * block] for i in range(n)]
+    items = [(h, e, v) for h, v in zip(handles, views, strict=True)]
     sync = cupy.cuda.runtime.deviceSynchronize
-    pairs = list(zip(handles, views, strict=True))
 
     def up() -> None:
-        for h, v in pairs:
+        for h, _, v in items:
             tier.write(h, e, v)
 
     def down() -> None:
-        for h, v in pairs:
+        for h, _, v in items:
             tier.read_into(h, e, v)
 
     try:
-        t_up = _median_s(up, reps, sync)
-        t_down = _median_s(down, reps, sync)
+        return {
+            "write": _median_s(up, reps, sync),
+            "read_into": _median_s(down, reps, sync),
+            "write_many": _median_s(lambda: tier.write_many(items), reps, sync),
+            "read_many": _median_s(lambda: tier.read_many(items), reps, sync),
+        }
     finally:
         for v in views:
             v.release()
         tier.close()
-    return t_up, t_down
 
 
 def bench_arena_gpu(quick: bool) -> list[dict[str, Any]]:
@@ -288,33 +293,24 @@ def bench_arena_gpu(quick: bool) -> list[dict[str, Any]]:
     try:
         pinned = pin_host_memory(arena.view)
         for block in (2 << 20, 8 << 20):
-            t_up, t_down = _tier_copies(arena, total, block, reps)
+            t = _tier_copies(arena, total, block, reps)
             tag = f"{block >> 20} MiB blocks x {total // block}"
-            rows.append(_row(f"arena -> gpu tier write ({tag})", total, t_up, t_h2d,
-                             "pinned cudaMemcpy H2D", target=0.9))  # fmt: skip
-            rows.append(_row(f"gpu tier -> arena read ({tag})", total, t_down, t_d2h,
-                             "pinned cudaMemcpy D2H", target=0.9))  # fmt: skip
+            for op, lim, t_lim in (
+                ("write", "H2D", t_h2d),
+                ("write_many", "H2D", t_h2d),
+                ("read_into", "D2H", t_d2h),
+                ("read_many", "D2H", t_d2h),
+            ):
+                direction = "arena -> gpu tier" if lim == "H2D" else "gpu tier -> arena"
+                rows.append(_row(f"{direction} {op} ({tag})", total, t[op], t_lim,
+                                 f"pinned cudaMemcpy {lim}", target=0.9))  # fmt: skip
         unpin_host_memory(pinned)
         # The same from the arena unpinned (pageable): what pinning buys.
-        t_up, t_down = _tier_copies(arena, total, 8 << 20, reps)
-        rows.append(
-            _row(
-                "pageable arena -> gpu tier write (8 MiB)",
-                total,
-                t_up,
-                t_h2d,
-                "pinned cudaMemcpy H2D",
-            )
-        )
-        rows.append(
-            _row(
-                "gpu tier -> pageable arena read (8 MiB)",
-                total,
-                t_down,
-                t_d2h,
-                "pinned cudaMemcpy D2H",
-            )
-        )
+        t = _tier_copies(arena, total, 8 << 20, reps)
+        rows.append(_row("pageable arena -> gpu tier write_many (8 MiB)", total, t["write_many"],
+                         t_h2d, "pinned cudaMemcpy H2D"))  # fmt: skip
+        rows.append(_row("gpu tier -> pageable arena read_many (8 MiB)", total, t["read_many"],
+                         t_d2h, "pinned cudaMemcpy D2H"))  # fmt: skip
     finally:
         arena.close()
     return rows

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -45,6 +46,7 @@ from kvstore.tiers.gpu_util import (
     host_address,
     kvikio_available,
     pin_host_memory,
+    pin_host_memory_if_gpu,
     read_chunks,
     read_file_into_device,
     unpin_host_memory,
@@ -66,6 +68,7 @@ __all__ = [
     "kvikio_available",
     "open_ipc_pool",
     "pin_host_memory",
+    "pin_host_memory_if_gpu",
     "read_chunks",
     "read_file_into_device",
     "unpin_host_memory",
@@ -108,6 +111,16 @@ class DeviceMemory(ABC):
     @abstractmethod
     def ipc_handle(self) -> bytes:
         """Handle another process on the same device opens to map the allocation."""
+
+    def copy_many_from_host(self, items: Sequence[tuple[int, memoryview]]) -> None:
+        """Copies each ``src`` to its offset; returns when all are done."""
+        for off, src in items:
+            self.copy_from_host(off, src)
+
+    def copy_many_to_host(self, items: Sequence[tuple[int, memoryview]]) -> None:
+        """Fills each ``dst`` from its offset; returns when all are done."""
+        for off, dst in items:
+            self.copy_to_host(off, dst)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Frees the allocation."""
@@ -163,6 +176,7 @@ class CudaMemory(DeviceMemory):
         if not 0 <= device < ndev:
             raise ConfigError(f"gpu tier: device {device} does not exist ({ndev} visible)")
         self._rt = cupy.cuda.runtime
+        self._stream: Any = None
         with cupy.cuda.Device(device):
             self.mem: Any = cupy.cuda.Memory(nbytes)
 
@@ -183,6 +197,32 @@ class CudaMemory(DeviceMemory):
     def copy_to_host(self, offset: int, dst: memoryview) -> None:
         addr, n = host_address(dst)
         self._memcpy(addr, self.ptr + offset, n, D2H)
+
+    def _memcpy_many(self, pairs: list[tuple[int, int, int]], kind: int) -> None:
+        """``(dst, src, n)`` copies queued on one stream, one synchronization at the end:
+        the per-copy launch latency overlaps the transfers (from pinned memory)."""
+        import cupy
+
+        with cupy.cuda.Device(self.device):
+            if self._stream is None:
+                self._stream = cupy.cuda.Stream(non_blocking=True)
+            for dst, src, n in pairs:
+                self._rt.memcpyAsync(dst, src, n, kind, self._stream.ptr)
+            self._stream.synchronize()
+
+    def copy_many_from_host(self, items: Sequence[tuple[int, memoryview]]) -> None:
+        pairs = []
+        for off, src in items:
+            addr, n = host_address(src)
+            pairs.append((self.ptr + off, addr, n))
+        self._memcpy_many(pairs, H2D)
+
+    def copy_many_to_host(self, items: Sequence[tuple[int, memoryview]]) -> None:
+        pairs = []
+        for off, dst in items:
+            addr, n = host_address(dst)
+            pairs.append((addr, self.ptr + off, n))
+        self._memcpy_many(pairs, D2H)
 
     def ipc_handle(self) -> bytes:
         return bytes(self._rt.ipcGetMemHandle(self.ptr))
@@ -313,6 +353,38 @@ class GpuTier(Tier):
             and xxhash.xxh3_64_intdigest(dst[:n]) != entry.checksum
         ):
             raise ChecksumMismatch(f"tier {self.name!r}: block at offset {off} fails its checksum")
+
+    def read_many(
+        self, items: Sequence[tuple[Handle, BlockEntry, memoryview]]
+    ) -> list[Exception | None]:
+        """Reads many blocks with one synchronization (see :meth:`write_many`)."""
+        for h, _, dst in items:
+            if len(dst) < h[1]:
+                raise ValueError(
+                    f"tier {self.name!r}: {len(dst)}-byte buffer for a block of {h[1]}"
+                )
+        self.mem.copy_many_to_host([(h[0], dst[: h[1]]) for h, _, dst in items])
+        out: list[Exception | None] = []
+        for h, e, dst in items:
+            bad = (
+                self.verify_reads
+                and e.checksum
+                and xxhash.xxh3_64_intdigest(dst[: h[1]]) != e.checksum
+            )
+            out.append(
+                ChecksumMismatch(f"tier {self.name!r}: block at offset {h[0]} fails its checksum")
+                if bad
+                else None
+            )
+        return out
+
+    def write_many(self, items: Sequence[tuple[Handle, BlockEntry, memoryview]]) -> None:
+        """Writes many blocks: the copies are queued on one CUDA stream and waited
+        for once, so per-copy latency overlaps the transfers."""
+        for h, _, src in items:
+            if len(src) != h[1]:
+                raise ValueError(f"tier {self.name!r}: {len(src)} bytes for a slot of {h[1]}")
+        self.mem.copy_many_from_host([(h[0], src) for h, _, src in items])
 
     def free(self, handle: Handle) -> None:
         self.alloc.free(handle[0])

@@ -103,6 +103,17 @@ def pin_host_memory(buf: Any) -> PinnedHost:
     return PinnedHost(ptr, n)
 
 
+def pin_host_memory_if_gpu(buf: Any) -> PinnedHost | None:
+    """:func:`pin_host_memory` where a GPU is present, else ``None`` (nothing to gain).
+
+    The DRAM tier calls this on its arena at start and
+    :func:`unpin_host_memory` on the result (when not ``None``) before unmapping.
+    """
+    if not cuda_available():
+        return None
+    return pin_host_memory(buf)
+
+
 def unpin_host_memory(pinned: PinnedHost) -> None:
     """Undoes :func:`pin_host_memory`; a second call does nothing."""
     if not pinned.pinned:

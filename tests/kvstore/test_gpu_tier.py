@@ -114,6 +114,29 @@ def test_verify_reads_catches_corruption() -> None:
         t.read_into(h, e, memoryview(out))
 
 
+@pytest.mark.parametrize("verify", [False, True])
+def test_batched_reads_and_writes(verify: bool) -> None:
+    t = _host_tier(verify_reads=verify)
+    datas = [os.urandom(n) for n in (5000, 70_000, 1)]
+    es = [_entry(len(d), checksum=xxhash.xxh3_64_intdigest(d)) for d in datas]
+    hs = [t.reserve(len(d), e) for d, e in zip(datas, es, strict=True)]
+    t.write_many([(h, e, memoryview(d)) for h, e, d in zip(hs, es, datas, strict=True)])
+    outs = [bytearray(len(d) + 3) for d in datas]  # larger buffers are fine
+    res = t.read_many([(h, e, memoryview(o)) for h, e, o in zip(hs, es, outs, strict=True)])
+    assert res == [None, None, None]
+    assert [bytes(o[: len(d)]) for o, d in zip(outs, datas, strict=True)] == datas
+    assert isinstance(t.mem, gpu_mod.HostMemory) and t.mem.buf is not None
+    t.mem.buf[hs[1][0]] ^= 1
+    res = t.read_many([(h, e, memoryview(o)) for h, e, o in zip(hs, es, outs, strict=True)])
+    assert [type(r) for r in res] == (
+        [type(None), ChecksumMismatch, type(None)] if verify else [type(None)] * 3
+    )
+    with pytest.raises(ValueError, match="for a slot of"):
+        t.write_many([(hs[0], es[0], memoryview(b"short"))])
+    with pytest.raises(ValueError, match="buffer for a block"):
+        t.read_many([(hs[1], es[1], memoryview(bytearray(10)))])
+
+
 def test_ipc_export_bookkeeping() -> None:
     t = _host_tier()
     hs = [t.reserve(5000, _entry(5000)) for _ in range(2)]
@@ -206,6 +229,7 @@ def test_host_address_of_buffers() -> None:
 
 @pytest.mark.skipif(gpu_mod.cuda_available(), reason="checks the no-GPU error")
 def test_cuda_helpers_say_no_gpu() -> None:
+    assert gpu_mod.pin_host_memory_if_gpu(bytearray(4096)) is None
     with pytest.raises(GpuUnavailable, match="needs cupy and a CUDA device"):
         pin_host_memory(bytearray(4096))
     with pytest.raises(GpuUnavailable):
@@ -275,6 +299,16 @@ def test_cuda_tier_roundtrip_pinned_and_pageable() -> None:
         out = bytearray(len(data))
         t.read_into(h, _entry(len(data)), memoryview(out))
         assert bytes(out) == data
+        # Batched, from pageable memory: queued on one stream, one sync.
+        more = [os.urandom(MiB + i) for i in range(5)]
+        hs = [t.reserve(len(m), _entry(len(m))) for m in more]
+        t.write_many([(h2, _entry(len(m)), memoryview(m)) for h2, m in zip(hs, more, strict=True)])
+        outs = [bytearray(len(m)) for m in more]
+        items = [
+            (h2, _entry(len(m)), memoryview(o)) for h2, m, o in zip(hs, more, outs, strict=True)
+        ]
+        assert t.read_many(items) == [None] * 5
+        assert [bytes(o) for o in outs] == more
     finally:
         t.close()
 
