@@ -187,8 +187,11 @@ class CudaMemory(DeviceMemory):
     def _memcpy(self, dst: int, src: int, n: int, kind: int) -> None:
         import cupy
 
-        with cupy.cuda.Device(self.device):
-            self._rt.memcpy(dst, src, n, kind)
+        try:
+            with cupy.cuda.Device(self.device):
+                self._rt.memcpy(dst, src, n, kind)
+        except cupy.cuda.runtime.CUDARuntimeError as exc:
+            raise TierIOError(f"CUDA copy of {n} bytes failed: {exc}") from exc
 
     def copy_from_host(self, offset: int, src: memoryview) -> None:
         addr, n = host_address(src)
@@ -203,12 +206,15 @@ class CudaMemory(DeviceMemory):
         the per-copy launch latency overlaps the transfers (from pinned memory)."""
         import cupy
 
-        with cupy.cuda.Device(self.device):
-            if self._stream is None:
-                self._stream = cupy.cuda.Stream(non_blocking=True)
-            for dst, src, n in pairs:
-                self._rt.memcpyAsync(dst, src, n, kind, self._stream.ptr)
-            self._stream.synchronize()
+        try:
+            with cupy.cuda.Device(self.device):
+                if self._stream is None:
+                    self._stream = cupy.cuda.Stream(non_blocking=True)
+                for dst, src, n in pairs:
+                    self._rt.memcpyAsync(dst, src, n, kind, self._stream.ptr)
+                self._stream.synchronize()
+        except cupy.cuda.runtime.CUDARuntimeError as exc:
+            raise TierIOError(f"CUDA copies of {len(pairs)} blocks failed: {exc}") from exc
 
     def copy_many_from_host(self, items: Sequence[tuple[int, memoryview]]) -> None:
         pairs = []
@@ -363,7 +369,10 @@ class GpuTier(Tier):
                 raise ValueError(
                     f"tier {self.name!r}: {len(dst)}-byte buffer for a block of {h[1]}"
                 )
-        self.mem.copy_many_to_host([(h[0], dst[: h[1]]) for h, _, dst in items])
+        try:
+            self.mem.copy_many_to_host([(h[0], dst[: h[1]]) for h, _, dst in items])
+        except TierIOError as exc:
+            return [exc] * len(items)
         out: list[Exception | None] = []
         for h, e, dst in items:
             bad = (
