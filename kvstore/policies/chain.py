@@ -129,7 +129,7 @@ class ChainPolicy(EvictionPolicy):
             g = cum_w[k] + cum_m[SPLITS - k]
             if g > best + 1e-9:
                 best_k, best = k, g
-        if sum(glob[:SPLITS]) >= SPLIT_MARGIN * best:
+        if sum(glob[:SPLITS]) > SPLIT_MARGIN * best + 1e-9:
             # A plain LRU of the whole tier would have hit at least as much.
             best_k = SPLITS
         floor = max(1, int(self.capacity_blocks * MIN_WINDOW_FRACTION))
@@ -188,7 +188,8 @@ class ChainPolicy(EvictionPolicy):
         if len(out) < n:
             scan(second, n, evictable, out)
         if len(out) < n:
-            scan(first, n, evictable, out)
+            named = set(out)  # the bounded look may already have named some
+            scan(first, n, lambda e: e not in named and evictable(e), out)
         return out
 
     def __len__(self) -> int:
