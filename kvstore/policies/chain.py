@@ -81,6 +81,9 @@ class ChainPolicy(EvictionPolicy):
         self._dist = ([0.0] * nb, [0.0] * nb, [0.0] * nb)
         self._window = max(1, int(cap * MIN_WINDOW_FRACTION))
         self._refs = 0
+        self._period = max(SPLITS, cap // 2)
+        self._lru_mode = False
+        self._hist_limit = HISTORY_FACTOR * cap
 
     # ------------------------------------------------------------------ helpers
     def _record(self, seg: int, last: int, glast: int) -> None:
@@ -99,18 +102,20 @@ class ChainPolicy(EvictionPolicy):
     def _place(self, entry: BlockEntry, m: list[int]) -> None:
         # With the whole tier as window (reuses all within the tier's reach) the
         # policy is plain LRU: nothing is promoted and main drains.
-        lru_mode = self._window >= self.capacity_blocks
-        s = _WIN if lru_mode or (m[1] <= 1 and entry.n_children < 2) else _MAIN
+        children = entry.children  # n_children without the property call (hot path)
+        if self._lru_mode or (m[1] <= 1 and (not children or len(children) < 2)):
+            s = _WIN
+        else:
+            s = _MAIN
         m[0] = s
-        m[2] = self._clock[s]
-        self._clock[s] += 1
+        clock = self._clock
+        m[2] = clock[s]
+        clock[s] += 1
         m[3] = self._now
         self._now += 1
         self._segs[s][entry] = None
-
-    def _tick(self) -> None:
         self._refs += 1
-        if self._refs >= max(SPLITS, self.capacity_blocks // 2):
+        if self._refs >= self._period:
             self._refs = 0
             self._resize()
 
@@ -136,6 +141,8 @@ class ChainPolicy(EvictionPolicy):
         self._window = (
             self.capacity_blocks if best_k == SPLITS else max(floor, best_k * self._width)
         )
+        self._lru_mode = self._window >= self.capacity_blocks
+        self._hist_limit = HISTORY_FACTOR * max(self.capacity_blocks, len(self._meta))
         for d in self._dist:
             for i in range(len(d)):
                 d[i] *= DECAY
@@ -149,7 +156,6 @@ class ChainPolicy(EvictionPolicy):
             self._record(past[1], past[2], past[3])
         self._meta[entry] = m
         self._place(entry, m)
-        self._tick()
 
     def on_access(self, entry: BlockEntry) -> None:
         m = self._meta.get(entry)
@@ -159,7 +165,6 @@ class ChainPolicy(EvictionPolicy):
         del self._segs[m[0]][entry]
         m[1] += 1
         self._place(entry, m)
-        self._tick()
 
     def on_remove(self, entry: BlockEntry) -> None:
         m = self._meta.pop(entry, None)
@@ -168,12 +173,12 @@ class ChainPolicy(EvictionPolicy):
         del self._segs[m[0]][entry]
         hist = self._history
         hist[entry.key] = (m[1], m[0], m[2], m[3])
-        if len(hist) > HISTORY_FACTOR * max(self.capacity_blocks, len(self._meta)):
+        if len(hist) > self._hist_limit:
             hist.popitem(last=False)
 
     def victims(self, n: int, evictable: Callable[[BlockEntry], bool]) -> list[BlockEntry]:
         win, main = self._segs
-        if self._window >= self.capacity_blocks and main and win:
+        if self._lru_mode and main and win:
             # LRU mode: the older of the two cold ends goes first.
             older = self._meta[next(iter(main))][3] < self._meta[next(iter(win))][3]
             first, second = (main, win) if older else (win, main)
@@ -181,6 +186,11 @@ class ChainPolicy(EvictionPolicy):
             first, second = win, main
         else:
             first, second = main, win
+        if n == 1:  # fast path: the cold end is usually a leaf
+            for e in first:
+                if evictable(e):
+                    return [e]
+                break
         out: list[BlockEntry] = []
         # A bounded look first: the cold end of one segment is often a parent of
         # blocks in the other (not evictable yet); evict there instead.
