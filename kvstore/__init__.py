@@ -1,6 +1,29 @@
 """kvstore: KV-cache tiering and model-weight storage for LLM serving engines."""
 
+from kvstore.aio_client import AsyncBlockLease, AsyncClient
+from kvstore.client import BlockLease, Client
+from kvstore.errors import (
+    DaemonUnavailable,
+    FailedPrecondition,
+    InvalidArgument,
+    KVStoreError,
+    NotFound,
+    ResourceExhausted,
+)
 from kvstore.keys import BlockKey, Namespace
 
-__all__ = ["BlockKey", "Namespace"]
+__all__ = [
+    "AsyncBlockLease",
+    "AsyncClient",
+    "BlockKey",
+    "BlockLease",
+    "Client",
+    "DaemonUnavailable",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "KVStoreError",
+    "Namespace",
+    "NotFound",
+    "ResourceExhausted",
+]
 __version__ = "0.1.0"

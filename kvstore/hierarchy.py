@@ -272,28 +272,51 @@ class Hierarchy:
     ) -> tuple[list[Status], list[BlockEntry | None]]:
         """Pin committed blocks and promote them into ``target`` (the write tier).
 
-        Entries are touched tail first so that a parent stays more recent than its
-        children.  A block whose bytes fail their checksum is forgotten and reported
-        ``CHECKSUM_MISMATCH`` (a miss, never wrong bytes).
+        Promotions from one source tier are read in one batch (``Tier.read_many``, which
+        a disk tier runs in parallel).  Entries are touched tail first so that a parent
+        stays more recent than its children.  A block whose bytes fail their checksum
+        is forgotten and reported ``CHECKSUM_MISMATCH`` (a miss, never wrong bytes).
         """
         t_to = self.write_level if target is None else target
-        statuses: list[Status] = []
-        entries: list[BlockEntry | None] = []
-        for k in keys:
+        statuses = [Status.OK] * len(keys)
+        entries: list[BlockEntry | None] = [None] * len(keys)
+        jobs: dict[int, list[tuple[int, BlockEntry, Handle]]] = {}
+        for i, k in enumerate(keys):
             e = self.index.get(k)
             if e is None or e.state != READY:
-                statuses.append(Status.NOT_FOUND)
-                entries.append(None)
+                statuses[i] = Status.NOT_FOUND
                 continue
-            e.pins += 1
-            st = self._promote(e, t_to) if e.top != t_to else Status.OK
-            if st != Status.OK:
+            e.pins += 1  # pinned first: nothing below can evict it while we make room
+            if e.locs[t_to] is not None:
+                entries[i] = e
+                continue
+            h = self._make_room(t_to, e.nbytes, e)
+            if h is None:
                 e.pins -= 1
-                statuses.append(st)
-                entries.append(None)
+                self.counters.no_space += 1
+                statuses[i] = Status.NO_SPACE
                 continue
-            statuses.append(Status.OK)
-            entries.append(e)
+            jobs.setdefault(e.top, []).append((i, e, h))
+        for src, batch in jobs.items():
+            for (i, e, h), err in zip(batch, self._promote_batch(src, t_to, batch), strict=True):
+                if err is None:
+                    self._set_loc(e, t_to, h)
+                    self.levels[t_to].policy.on_insert(e)
+                    self.counters.promotions += 1
+                    entries[i] = e
+                    continue
+                self.levels[t_to].tier.free(h)
+                self._note_io_error(err)
+                e.pins -= 1
+                # A copy that fails its checksum, or that the tier cannot read (its
+                # write failed, the disk errs), is no copy: drop it, report a miss.
+                self._remove_copy(e, src)
+                if e.top == -1:
+                    self._forget(e)
+                if isinstance(err, ChecksumMismatch):
+                    statuses[i] = Status.CHECKSUM_MISMATCH
+                else:
+                    statuses[i] = Status.NOT_FOUND
         self.clock += 1
         now = self.clock
         for e in reversed(entries):
@@ -303,6 +326,21 @@ class Hierarchy:
                 self.levels[e.top].policy.on_access(e)
         self.counters.acquires += len(keys)
         return statuses, entries
+
+    def _promote_batch(
+        self, src: int, dst: int, batch: list[tuple[int, BlockEntry, Handle]]
+    ) -> list[Exception | None]:
+        src_t, dst_t = self.levels[src].tier, self.levels[dst].tier
+        if src_t.stores_bytes and dst_t.stores_bytes and dst_t.host_mapped:
+            return list(src_t.read_many([(e.locs[src], e, dst_t.view(h)) for _, e, h in batch]))
+        out: list[Exception | None] = []
+        for _, e, h in batch:
+            try:
+                self._copy(e, src_t, e.locs[src], dst_t, h)
+                out.append(None)
+            except (ChecksumMismatch, TierIOError) as exc:
+                out.append(exc)
+        return out
 
     def release(self, entries: Iterable[BlockEntry]) -> None:
         for e in entries:
@@ -452,31 +490,6 @@ class Hierarchy:
         self.counters.demotions += 1
         return True
 
-    def _promote(self, e: BlockEntry, t_to: int) -> Status:
-        src = e.top
-        h = self._make_room(t_to, e.nbytes, e)
-        if h is None:
-            self.counters.no_space += 1
-            return Status.NO_SPACE
-        dst_t, src_t = self.levels[t_to].tier, self.levels[src].tier
-        try:
-            self._copy(e, src_t, e.locs[src], dst_t, h)
-        except ChecksumMismatch as exc:
-            dst_t.free(h)
-            self._note_io_error(exc)
-            self._remove_copy(e, src)
-            if e.top == -1:
-                self._forget(e)
-            return Status.CHECKSUM_MISMATCH
-        except TierIOError as exc:
-            dst_t.free(h)
-            self._note_io_error(exc)
-            return Status.NOT_FOUND
-        self._set_loc(e, t_to, h)
-        self.levels[t_to].policy.on_insert(e)
-        self.counters.promotions += 1
-        return Status.OK
-
     @staticmethod
     def _copy(e: BlockEntry, src_t: Tier, hs: Handle, dst_t: Tier, hd: Handle) -> None:
         if not (src_t.stores_bytes and dst_t.stores_bytes):
@@ -603,6 +616,7 @@ class Hierarchy:
                 continue
             if self._copy_down(e, e.top, pt):
                 n += 1
+        self.levels[pt].tier.flush()  # durable before the daemon exits
         return n
 
     def resident_blocks(self, t: int) -> int:

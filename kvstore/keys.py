@@ -173,6 +173,8 @@ class Namespace:
             One key per full block; a trailing partial block is not keyed.
         """
         toks = np.asarray(token_ids)
+        if toks.ndim != 1:
+            raise KeyInputError(f"token ids must be one-dimensional, got shape {toks.shape}")
         n = len(toks) // self.block_tokens
         if extras is not None and len(extras) < n:
             raise KeyInputError(f"need {n} extras for {n} full blocks, got {len(extras)}")

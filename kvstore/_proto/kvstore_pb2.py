@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ckvstore/_proto/kvstore.proto\x12\nkvstore.v1\"=\n\x12OpenSessionRequest\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12\x12\n\nclient_pid\x18\x02 \x01(\x05\"\'\n\tArenaInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"i\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12$\n\x05\x61rena\x18\x02 \x01(\x0b\x32\x15.kvstore.v1.ArenaInfo\x12\x18\n\x10lease_timeout_ms\x18\x03 \x01(\r\"\"\n\x0cWatchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\"\x1d\n\nWatchEvent\x12\x0f\n\x07message\x18\x01 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\"J\n\x14\x43loseSessionResponse\x12\x15\n\rreleased_pins\x18\x01 \x01(\r\x12\x1b\n\x13\x61\x62orted_allocations\x18\x02 \x01(\r\"\xdf\x01\n\rNamespaceSpec\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\x14\n\x0c\x62lock_tokens\x18\x05 \x01(\r\x12\x10\n\x08kv_dtype\x18\x06 \x01(\t\x12\x0e\n\x06layout\x18\x07 \x01(\t\x12\x0f\n\x07tp_rank\x18\x08 \x01(\r\x12\x0f\n\x07tp_size\x18\t \x01(\r\x12\x13\n\x0btenant_salt\x18\n \x01(\x0c\x12\x11\n\thash_algo\x18\x0b \x01(\t\"W\n\x18RegisterNamespaceRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\'\n\x04spec\x18\x02 \x01(\x0b\x32\x19.kvstore.v1.NamespaceSpec\"G\n\x19RegisterNamespaceResponse\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x14\n\x0c\x62lock_nbytes\x18\x02 \x01(\x04\"&\n\x04Slot\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04\"Z\n\rLookupRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x14\n\x0cnamespace_id\x18\x03 \x01(\x0c\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\"A\n\x0eLookupResponse\x12\x12\n\nnum_cached\x18\x01 \x01(\r\x12\r\n\x05tiers\x18\x02 \x03(\t\x12\x0c\n\x04keys\x18\x03 \x03(\x0c\"\x88\x01\n\x0f\x41llocateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x14\n\x0cnamespace_id\x18\x02 \x01(\x0c\x12\x14\n\x0c\x62lock_nbytes\x18\x03 \x01(\x04\x12\x12\n\nparent_key\x18\x04 \x01(\x0c\x12\x0c\n\x04keys\x18\x05 \x03(\x0c\x12\x13\n\x0b\x66irst_depth\x18\x06 \x01(\r\"Z\n\x10\x41llocateResponse\x12%\n\x06status\x18\x01 \x03(\x0e\x32\x15.kvstore.v1.KeyStatus\x12\x1f\n\x05slots\x18\x02 \x03(\x0b\x32\x10.kvstore.v1.Slot\"D\n\rCommitRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x11\n\tchecksums\x18\x03 \x03(\x04\"7\n\x0e\x43ommitResponse\x12%\n\x06status\x18\x01 \x03(\x0e\x32\x15.kvstore.v1.KeyStatus\"0\n\x0c\x41\x62ortRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\r\"2\n\x0e\x41\x63quireRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"Y\n\x0f\x41\x63quireResponse\x12%\n\x06status\x18\x01 \x03(\x0e\x32\x15.kvstore.v1.KeyStatus\x12\x1f\n\x05slots\x18\x02 \x03(\x0b\x32\x10.kvstore.v1.Slot\"2\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"8\n\x0fReleaseResponse\x12%\n\x06status\x18\x01 \x03(\x0e\x32\x15.kvstore.v1.KeyStatus\"3\n\x0fPrefetchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"%\n\x10PrefetchResponse\x12\x11\n\tscheduled\x18\x01 \x01(\r\"1\n\rDeleteRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"7\n\x0e\x44\x65leteResponse\x12%\n\x06status\x18\x01 \x03(\x0e\x32\x15.kvstore.v1.KeyStatus\"\x0e\n\x0cStatsRequest\"\x1d\n\rStatsResponse\x12\x0c\n\x04json\x18\x01 \x01(\t*\xc0\x01\n\tKeyStatus\x12\x06\n\x02OK\x10\x00\x12\x07\n\x03NEW\x10\x01\x12\x0b\n\x07PRESENT\x10\x02\x12\x0f\n\x0bIN_PROGRESS\x10\x03\x12\r\n\tNOT_FOUND\x10\x04\x12\r\n\tNOT_OWNER\x10\x05\x12\x15\n\x11\x41LREADY_COMMITTED\x10\x06\x12\x0c\n\x08NO_SPACE\x10\x07\x12\n\n\x06PINNED\x10\x08\x12\x10\n\x0cHAS_CHILDREN\x10\t\x12\x15\n\x11\x43HECKSUM_MISMATCH\x10\n\x12\x0c\n\x08\x42\x41\x44_SIZE\x10\x0b*c\n\x08TierKind\x12\r\n\tTIER_NONE\x10\x00\x12\x0c\n\x08TIER_GPU\x10\x01\x12\r\n\tTIER_DRAM\x10\x02\x12\x0c\n\x08TIER_CXL\x10\x03\x12\r\n\tTIER_NVME\x10\x04\x12\x0e\n\nTIER_OTHER\x10\x05\x32\xa0\x07\n\x07KVStore\x12N\n\x0bOpenSession\x12\x1e.kvstore.v1.OpenSessionRequest\x1a\x1f.kvstore.v1.OpenSessionResponse\x12;\n\x05Watch\x12\x18.kvstore.v1.WatchRequest\x1a\x16.kvstore.v1.WatchEvent0\x01\x12Q\n\x0c\x43loseSession\x12\x1f.kvstore.v1.CloseSessionRequest\x1a .kvstore.v1.CloseSessionResponse\x12`\n\x11RegisterNamespace\x12$.kvstore.v1.RegisterNamespaceRequest\x1a%.kvstore.v1.RegisterNamespaceResponse\x12?\n\x06Lookup\x12\x19.kvstore.v1.LookupRequest\x1a\x1a.kvstore.v1.LookupResponse\x12\x45\n\x08\x41llocate\x12\x1b.kvstore.v1.AllocateRequest\x1a\x1c.kvstore.v1.AllocateResponse\x12?\n\x06\x43ommit\x12\x19.kvstore.v1.CommitRequest\x1a\x1a.kvstore.v1.CommitResponse\x12<\n\x05\x41\x62ort\x12\x18.kvstore.v1.AbortRequest\x1a\x19.kvstore.v1.AbortResponse\x12\x42\n\x07\x41\x63quire\x12\x1a.kvstore.v1.AcquireRequest\x1a\x1b.kvstore.v1.AcquireResponse\x12\x42\n\x07Release\x12\x1a.kvstore.v1.ReleaseRequest\x1a\x1b.kvstore.v1.ReleaseResponse\x12\x45\n\x08Prefetch\x12\x1b.kvstore.v1.PrefetchRequest\x1a\x1c.kvstore.v1.PrefetchResponse\x12?\n\x06\x44\x65lete\x12\x19.kvstore.v1.DeleteRequest\x1a\x1a.kvstore.v1.DeleteResponse\x12<\n\x05Stats\x12\x18.kvstore.v1.StatsRequest\x1a\x19.kvstore.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ckvstore/_proto/kvstore.proto\x12\nkvstore.v1\"=\n\x12OpenSessionRequest\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12\x12\n\nclient_pid\x18\x02 \x01(\x05\"\'\n\tArenaInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"i\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12$\n\x05\x61rena\x18\x02 \x01(\x0b\x32\x15.kvstore.v1.ArenaInfo\x12\x18\n\x10lease_timeout_ms\x18\x03 \x01(\r\"\"\n\x0cWatchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\"\x1d\n\nWatchEvent\x12\x0f\n\x07message\x18\x01 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\"J\n\x14\x43loseSessionResponse\x12\x15\n\rreleased_pins\x18\x01 \x01(\r\x12\x1b\n\x13\x61\x62orted_allocations\x18\x02 \x01(\r\"\xdf\x01\n\rNamespaceSpec\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\x14\n\x0c\x62lock_tokens\x18\x05 \x01(\r\x12\x10\n\x08kv_dtype\x18\x06 \x01(\t\x12\x0e\n\x06layout\x18\x07 \x01(\t\x12\x0f\n\x07tp_rank\x18\x08 \x01(\r\x12\x0f\n\x07tp_size\x18\t \x01(\r\x12\x13\n\x0btenant_salt\x18\n \x01(\x0c\x12\x11\n\thash_algo\x18\x0b \x01(\t\"W\n\x18RegisterNamespaceRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\'\n\x04spec\x18\x02 \x01(\x0b\x32\x19.kvstore.v1.NamespaceSpec\"G\n\x19RegisterNamespaceResponse\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x14\n\x0c\x62lock_nbytes\x18\x02 \x01(\x04\"&\n\x04Slot\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04\"Z\n\rLookupRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x14\n\x0cnamespace_id\x18\x03 \x01(\x0c\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\"Z\n\x0eLookupResponse\x12\x12\n\nnum_cached\x18\x01 \x01(\r\x12\x12\n\ntier_index\x18\x02 \x03(\r\x12\x0c\n\x04keys\x18\x03 \x03(\x0c\x12\x12\n\ntier_names\x18\x04 \x03(\t\"\x88\x01\n\x0f\x41llocateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x14\n\x0cnamespace_id\x18\x02 \x01(\x0c\x12\x14\n\x0c\x62lock_nbytes\x18\x03 \x01(\x04\x12\x12\n\nparent_key\x18\x04 \x01(\x0c\x12\x0c\n\x04keys\x18\x05 \x03(\x0c\x12\x13\n\x0b\x66irst_depth\x18\x06 \x01(\r\"Z\n\x10\x41llocateResponse\x12%\n\x06status\x18\x01 \x03(\x0e\x32\x15.kvstore.v1.KeyStatus\x12\x1f\n\x05slots\x18\x02 \x03(\x0b\x32\x10.kvstore.v1.Slot\"D\n\rCommitRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x11\n\tchecksums\x18\x03 \x03(\x04\"7\n\x0e\x43ommitResponse\x12%\n\x06status\x18\x01 \x03(\x0e\x32\x15.kvstore.v1.KeyStatus\"0\n\x0c\x41\x62ortRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\r\"2\n\x0e\x41\x63quireRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"Y\n\x0f\x41\x63quireResponse\x12%\n\x06status\x18\x01 \x03(\x0e\x32\x15.kvstore.v1.KeyStatus\x12\x1f\n\x05slots\x18\x02 \x03(\x0b\x32\x10.kvstore.v1.Slot\"2\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"8\n\x0fReleaseResponse\x12%\n\x06status\x18\x01 \x03(\x0e\x32\x15.kvstore.v1.KeyStatus\"3\n\x0fPrefetchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"%\n\x10PrefetchResponse\x12\x11\n\tscheduled\x18\x01 \x01(\r\"1\n\rDeleteRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"7\n\x0e\x44\x65leteResponse\x12%\n\x06status\x18\x01 \x03(\x0e\x32\x15.kvstore.v1.KeyStatus\"\x0e\n\x0cStatsRequest\"\x1d\n\rStatsResponse\x12\x0c\n\x04json\x18\x01 \x01(\t*\xc0\x01\n\tKeyStatus\x12\x06\n\x02OK\x10\x00\x12\x07\n\x03NEW\x10\x01\x12\x0b\n\x07PRESENT\x10\x02\x12\x0f\n\x0bIN_PROGRESS\x10\x03\x12\r\n\tNOT_FOUND\x10\x04\x12\r\n\tNOT_OWNER\x10\x05\x12\x15\n\x11\x41LREADY_COMMITTED\x10\x06\x12\x0c\n\x08NO_SPACE\x10\x07\x12\n\n\x06PINNED\x10\x08\x12\x10\n\x0cHAS_CHILDREN\x10\t\x12\x15\n\x11\x43HECKSUM_MISMATCH\x10\n\x12\x0c\n\x08\x42\x41\x44_SIZE\x10\x0b*c\n\x08TierKind\x12\r\n\tTIER_NONE\x10\x00\x12\x0c\n\x08TIER_GPU\x10\x01\x12\r\n\tTIER_DRAM\x10\x02\x12\x0c\n\x08TIER_CXL\x10\x03\x12\r\n\tTIER_NVME\x10\x04\x12\x0e\n\nTIER_OTHER\x10\x05\x32\xa0\x07\n\x07KVStore\x12N\n\x0bOpenSession\x12\x1e.kvstore.v1.OpenSessionRequest\x1a\x1f.kvstore.v1.OpenSessionResponse\x12;\n\x05Watch\x12\x18.kvstore.v1.WatchRequest\x1a\x16.kvstore.v1.WatchEvent0\x01\x12Q\n\x0c\x43loseSession\x12\x1f.kvstore.v1.CloseSessionRequest\x1a .kvstore.v1.CloseSessionResponse\x12`\n\x11RegisterNamespace\x12$.kvstore.v1.RegisterNamespaceRequest\x1a%.kvstore.v1.RegisterNamespaceResponse\x12?\n\x06Lookup\x12\x19.kvstore.v1.LookupRequest\x1a\x1a.kvstore.v1.LookupResponse\x12\x45\n\x08\x41llocate\x12\x1b.kvstore.v1.AllocateRequest\x1a\x1c.kvstore.v1.AllocateResponse\x12?\n\x06\x43ommit\x12\x19.kvstore.v1.CommitRequest\x1a\x1a.kvstore.v1.CommitResponse\x12<\n\x05\x41\x62ort\x12\x18.kvstore.v1.AbortRequest\x1a\x19.kvstore.v1.AbortResponse\x12\x42\n\x07\x41\x63quire\x12\x1a.kvstore.v1.AcquireRequest\x1a\x1b.kvstore.v1.AcquireResponse\x12\x42\n\x07Release\x12\x1a.kvstore.v1.ReleaseRequest\x1a\x1b.kvstore.v1.ReleaseResponse\x12\x45\n\x08Prefetch\x12\x1b.kvstore.v1.PrefetchRequest\x1a\x1c.kvstore.v1.PrefetchResponse\x12?\n\x06\x44\x65lete\x12\x19.kvstore.v1.DeleteRequest\x1a\x1a.kvstore.v1.DeleteResponse\x12<\n\x05Stats\x12\x18.kvstore.v1.StatsRequest\x1a\x19.kvstore.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvstore._proto.kvstore_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KEYSTATUS']._serialized_start=1971
-  _globals['_KEYSTATUS']._serialized_end=2163
-  _globals['_TIERKIND']._serialized_start=2165
-  _globals['_TIERKIND']._serialized_end=2264
+  _globals['_KEYSTATUS']._serialized_start=1996
+  _globals['_KEYSTATUS']._serialized_end=2188
+  _globals['_TIERKIND']._serialized_start=2190
+  _globals['_TIERKIND']._serialized_end=2289
   _globals['_OPENSESSIONREQUEST']._serialized_start=44
   _globals['_OPENSESSIONREQUEST']._serialized_end=105
   _globals['_ARENAINFO']._serialized_start=107
@@ -60,39 +60,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOOKUPREQUEST']._serialized_start=869
   _globals['_LOOKUPREQUEST']._serialized_end=959
   _globals['_LOOKUPRESPONSE']._serialized_start=961
-  _globals['_LOOKUPRESPONSE']._serialized_end=1026
-  _globals['_ALLOCATEREQUEST']._serialized_start=1029
-  _globals['_ALLOCATEREQUEST']._serialized_end=1165
-  _globals['_ALLOCATERESPONSE']._serialized_start=1167
-  _globals['_ALLOCATERESPONSE']._serialized_end=1257
-  _globals['_COMMITREQUEST']._serialized_start=1259
-  _globals['_COMMITREQUEST']._serialized_end=1327
-  _globals['_COMMITRESPONSE']._serialized_start=1329
-  _globals['_COMMITRESPONSE']._serialized_end=1384
-  _globals['_ABORTREQUEST']._serialized_start=1386
-  _globals['_ABORTREQUEST']._serialized_end=1434
-  _globals['_ABORTRESPONSE']._serialized_start=1436
-  _globals['_ABORTRESPONSE']._serialized_end=1468
-  _globals['_ACQUIREREQUEST']._serialized_start=1470
-  _globals['_ACQUIREREQUEST']._serialized_end=1520
-  _globals['_ACQUIRERESPONSE']._serialized_start=1522
-  _globals['_ACQUIRERESPONSE']._serialized_end=1611
-  _globals['_RELEASEREQUEST']._serialized_start=1613
-  _globals['_RELEASEREQUEST']._serialized_end=1663
-  _globals['_RELEASERESPONSE']._serialized_start=1665
-  _globals['_RELEASERESPONSE']._serialized_end=1721
-  _globals['_PREFETCHREQUEST']._serialized_start=1723
-  _globals['_PREFETCHREQUEST']._serialized_end=1774
-  _globals['_PREFETCHRESPONSE']._serialized_start=1776
-  _globals['_PREFETCHRESPONSE']._serialized_end=1813
-  _globals['_DELETEREQUEST']._serialized_start=1815
-  _globals['_DELETEREQUEST']._serialized_end=1864
-  _globals['_DELETERESPONSE']._serialized_start=1866
-  _globals['_DELETERESPONSE']._serialized_end=1921
-  _globals['_STATSREQUEST']._serialized_start=1923
-  _globals['_STATSREQUEST']._serialized_end=1937
-  _globals['_STATSRESPONSE']._serialized_start=1939
-  _globals['_STATSRESPONSE']._serialized_end=1968
-  _globals['_KVSTORE']._serialized_start=2267
-  _globals['_KVSTORE']._serialized_end=3195
+  _globals['_LOOKUPRESPONSE']._serialized_end=1051
+  _globals['_ALLOCATEREQUEST']._serialized_start=1054
+  _globals['_ALLOCATEREQUEST']._serialized_end=1190
+  _globals['_ALLOCATERESPONSE']._serialized_start=1192
+  _globals['_ALLOCATERESPONSE']._serialized_end=1282
+  _globals['_COMMITREQUEST']._serialized_start=1284
+  _globals['_COMMITREQUEST']._serialized_end=1352
+  _globals['_COMMITRESPONSE']._serialized_start=1354
+  _globals['_COMMITRESPONSE']._serialized_end=1409
+  _globals['_ABORTREQUEST']._serialized_start=1411
+  _globals['_ABORTREQUEST']._serialized_end=1459
+  _globals['_ABORTRESPONSE']._serialized_start=1461
+  _globals['_ABORTRESPONSE']._serialized_end=1493
+  _globals['_ACQUIREREQUEST']._serialized_start=1495
+  _globals['_ACQUIREREQUEST']._serialized_end=1545
+  _globals['_ACQUIRERESPONSE']._serialized_start=1547
+  _globals['_ACQUIRERESPONSE']._serialized_end=1636
+  _globals['_RELEASEREQUEST']._serialized_start=1638
+  _globals['_RELEASEREQUEST']._serialized_end=1688
+  _globals['_RELEASERESPONSE']._serialized_start=1690
+  _globals['_RELEASERESPONSE']._serialized_end=1746
+  _globals['_PREFETCHREQUEST']._serialized_start=1748
+  _globals['_PREFETCHREQUEST']._serialized_end=1799
+  _globals['_PREFETCHRESPONSE']._serialized_start=1801
+  _globals['_PREFETCHRESPONSE']._serialized_end=1838
+  _globals['_DELETEREQUEST']._serialized_start=1840
+  _globals['_DELETEREQUEST']._serialized_end=1889
+  _globals['_DELETERESPONSE']._serialized_start=1891
+  _globals['_DELETERESPONSE']._serialized_end=1946
+  _globals['_STATSREQUEST']._serialized_start=1948
+  _globals['_STATSREQUEST']._serialized_end=1962
+  _globals['_STATSRESPONSE']._serialized_start=1964
+  _globals['_STATSRESPONSE']._serialized_end=1993
+  _globals['_KVSTORE']._serialized_start=2292
+  _globals['_KVSTORE']._serialized_end=3220
 # @@protoc_insertion_point(module_scope)

@@ -164,14 +164,16 @@ class LookupRequest(_message.Message):
     def __init__(self, session_id: _Optional[int] = ..., keys: _Optional[_Iterable[bytes]] = ..., namespace_id: _Optional[bytes] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("num_cached", "tiers", "keys")
+    __slots__ = ("num_cached", "tier_index", "keys", "tier_names")
     NUM_CACHED_FIELD_NUMBER: _ClassVar[int]
-    TIERS_FIELD_NUMBER: _ClassVar[int]
+    TIER_INDEX_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    TIER_NAMES_FIELD_NUMBER: _ClassVar[int]
     num_cached: int
-    tiers: _containers.RepeatedScalarFieldContainer[str]
+    tier_index: _containers.RepeatedScalarFieldContainer[int]
     keys: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, num_cached: _Optional[int] = ..., tiers: _Optional[_Iterable[str]] = ..., keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    tier_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, num_cached: _Optional[int] = ..., tier_index: _Optional[_Iterable[int]] = ..., keys: _Optional[_Iterable[bytes]] = ..., tier_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AllocateRequest(_message.Message):
     __slots__ = ("session_id", "namespace_id", "block_nbytes", "parent_key", "keys", "first_depth")

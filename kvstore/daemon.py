@@ -1,0 +1,210 @@
+"""The daemon: builds tiers and the hierarchy from the config, serves them over gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from kvstore import policies  # noqa: F401  (registers policies)
+from kvstore._proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.config import Config, ConfigError
+from kvstore.hierarchy import Hierarchy, Level
+from kvstore.keys import Namespace
+from kvstore.policies import ADMISSIONS, POLICIES
+from kvstore.sessions import SessionManager
+from kvstore.tiers import load_backends
+from kvstore.tiers.base import TIERS, Tier
+from kvstore.tiers.dram import DramTier
+
+log = logging.getLogger("kvstore.daemon")
+
+SERVICE_NAME = "kvstore.v1.KVStore"
+_POLICY_BLOCK_HINT = 2 << 20  # typical block size, only to size policy queues
+
+
+class DaemonError(RuntimeError):
+    """The daemon cannot start (socket in use, unusable data directory ...)."""
+
+
+def build_tiers(cfg: Config) -> list[Tier]:
+    load_backends()
+    data_dir = Path(cfg.data_dir).expanduser()
+    tiers: list[Tier] = []
+    try:
+        for t in cfg.tiers:
+            tiers.append(TIERS.get(t.kind).from_config(t, data_dir))
+    except BaseException:
+        for built in tiers:
+            built.close()
+        raise
+    return tiers
+
+
+class Daemon:
+    """Owns the hierarchy, sessions and namespaces; all mutated on the event loop thread."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.tiers = build_tiers(cfg)
+        levels = [
+            Level(
+                tier,
+                POLICIES.get(t.policy)(max(1, tier.capacity_bytes // _POLICY_BLOCK_HINT)),
+                ADMISSIONS.get(t.admission)(max(1, tier.capacity_bytes // _POLICY_BLOCK_HINT)),
+            )
+            for t, tier in zip(cfg.tiers, self.tiers, strict=True)
+        ]
+        self.write_level = next(i for i, t in enumerate(self.tiers) if t.kind == "dram")
+        self.dram: DramTier = self.tiers[self.write_level]  # type: ignore[assignment]
+        self.h = Hierarchy(levels, self.write_level)
+        t0 = time.monotonic()
+        self.recovered = self.h.recover()
+        if self.recovered:
+            log.info(
+                "recovered %d blocks from persistent tiers in %.2fs",
+                self.recovered,
+                time.monotonic() - t0,
+            )
+        self.sessions = SessionManager(self.h, cfg.server.lease_timeout_s)
+        self.namespaces: dict[bytes, Namespace] = {}
+        self.started = time.time()
+        self.server: grpc.aio.Server | None = None
+        self._stopping = asyncio.Event()
+        self._reaper: asyncio.Task[None] | None = None
+        self._metrics_server: Any = None
+        self.extra_closers: list[Any] = []
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> dict[str, Any]:
+        hs = self.h.stats()
+        c = self.h.counters
+        return {
+            "uptime_s": round(time.time() - self.started, 1),
+            "pid": os.getpid(),
+            "socket": self.cfg.server.socket,
+            "hit_rate": (c.lookup_hit_blocks / c.lookup_blocks) if c.lookup_blocks else 0.0,
+            "sessions": {
+                "open": len(self.sessions.sessions),
+                "opened_total": self.sessions.opened_total,
+                "reclaimed_total": self.sessions.reclaimed_total,
+                "pins": sum(sum(s.pins.values()) for s in self.sessions.sessions.values()),
+                "pending_allocations": sum(len(s.allocs) for s in self.sessions.sessions.values()),
+            },
+            "namespaces": len(self.namespaces),
+            "recovered_blocks": self.recovered,
+            **hs,
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        from kvstore.metrics import start_metrics_server
+        from kvstore.server import KVStoreServicer
+
+        scfg = self.cfg.server
+        opts = [
+            ("grpc.max_receive_message_length", scfg.max_message_bytes),
+            ("grpc.max_send_message_length", scfg.max_message_bytes),
+        ]
+        server = grpc.aio.server(options=opts)
+        pb_grpc.add_KVStoreServicer_to_server(KVStoreServicer(self), server)
+        hs = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+        sock = Path(scfg.socket).expanduser()
+        _prepare_socket(sock)
+        server.add_insecure_port(f"unix:{sock}")
+        if scfg.tcp:
+            if server.add_insecure_port(scfg.tcp) == 0:
+                raise DaemonError(f"cannot listen on server.tcp={scfg.tcp}")
+        await server.start()
+        os.chmod(sock, 0o600)
+        for name in ("", SERVICE_NAME):
+            await hs.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._health = hs
+        self.server = server
+        if scfg.metrics_port:
+            self._metrics_server = start_metrics_server(self, scfg.metrics_host, scfg.metrics_port)
+        self._reaper = asyncio.create_task(self._reap_loop())
+        log.info(
+            "kvstore serving on unix:%s%s; tiers: %s",
+            sock,
+            f" and {scfg.tcp}" if scfg.tcp else "",
+            ", ".join(f"{t.name}({t.kind}, {t.capacity_bytes >> 20} MiB)" for t in self.tiers),
+        )
+
+    async def _reap_loop(self) -> None:
+        period = min(1.0, self.cfg.server.lease_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            self.sessions.reap_idle()
+
+    async def wait(self) -> None:
+        await self._stopping.wait()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def stop(self) -> None:
+        """Graceful shutdown: stop accepting, drain calls, write back, close tiers."""
+        log.info("shutting down")
+        if self._reaper is not None:
+            self._reaper.cancel()
+        if self.server is not None:
+            await self._health.enter_graceful_shutdown()
+            await self.server.stop(self.cfg.server.shutdown_grace_s)
+        self.sessions.close_all()
+        if self.cfg.server.persist_on_shutdown:
+            n = self.h.persist_all()
+            log.info("persisted %d DRAM-only blocks to the persistent tier", n)
+        for closer in self.extra_closers:
+            closer()
+        for t in self.tiers:
+            t.flush()
+            t.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        sock = Path(self.cfg.server.socket).expanduser()
+        if self.server is not None and sock.is_socket():  # only a socket we bound
+            sock.unlink()
+        log.info("stopped")
+
+
+def _prepare_socket(sock: Path) -> None:
+    try:
+        sock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise DaemonError(f"cannot create socket directory {sock.parent}: {exc}") from None
+    if sock.exists() or sock.is_socket():
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(str(sock))
+        except OSError:
+            sock.unlink()  # stale socket of a dead daemon
+        else:
+            raise DaemonError(f"another kvstore daemon is already serving at {sock}")
+        finally:
+            s.close()
+
+
+async def run_daemon(cfg: Config) -> None:
+    """Runs until SIGTERM/SIGINT, then shuts down gracefully."""
+    try:
+        d = Daemon(cfg)
+    except (ConfigError, OSError) as exc:
+        raise DaemonError(str(exc)) from None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, d.request_stop)
+    try:
+        await d.start()
+        await d.wait()
+    finally:
+        await d.stop()

@@ -1,0 +1,52 @@
+"""Client-side exceptions, one per gRPC status a person can act on."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class KVStoreError(Exception):
+    """Base of every error the client raises."""
+
+    code: grpc.StatusCode | None = None
+
+
+class DaemonUnavailable(KVStoreError):
+    """The daemon is not running, not reachable at the socket, or went away."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class InvalidArgument(KVStoreError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ResourceExhausted(KVStoreError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class NotFound(KVStoreError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class FailedPrecondition(KVStoreError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+_BY_CODE: dict[grpc.StatusCode, type[KVStoreError]] = {
+    c.code: c
+    for c in (DaemonUnavailable, InvalidArgument, ResourceExhausted, NotFound, FailedPrecondition)
+    if c.code is not None
+}
+
+
+def from_rpc_error(err: grpc.RpcError) -> KVStoreError:
+    """Maps a gRPC error to the matching :class:`KVStoreError` subclass."""
+    code = err.code() if hasattr(err, "code") else None
+    details = err.details() if hasattr(err, "details") else str(err)
+    cls = _BY_CODE.get(code, KVStoreError) if code is not None else KVStoreError
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        cls = DaemonUnavailable
+    exc = cls(f"{details} [{code.name if code is not None else 'UNKNOWN'}]")
+    exc.code = code
+    return exc

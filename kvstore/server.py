@@ -1,0 +1,360 @@
+"""gRPC servicer: validates requests, maps them onto the hierarchy, answers statuses.
+
+Every error is a gRPC status with a message a person can act on; a bad request
+never changes state (validation happens before any mutation) and never stops
+the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
+
+import grpc
+import numpy as np
+
+from kvstore._proto import kvstore_pb2 as pb
+from kvstore._proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.entry import PENDING, READY
+from kvstore.hierarchy import Status
+from kvstore.keys import KEY_BYTES, KeyInputError, Namespace
+from kvstore.sessions import Session
+
+if TYPE_CHECKING:
+    from kvstore.daemon import Daemon
+
+log = logging.getLogger("kvstore.server")
+
+Ctx: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+
+
+class _Abort(Exception):
+    """Raised by validators; turned into ``context.abort`` by :func:`_guard`."""
+
+    def __init__(self, code: grpc.StatusCode, msg: str) -> None:
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+
+
+def _fail(code: grpc.StatusCode, msg: str) -> NoReturn:
+    raise _Abort(code, msg)
+
+
+def _codes(statuses: Sequence[Status]) -> list[Any]:
+    """Per-key statuses as wire enum values (``Status`` mirrors ``KeyStatus``)."""
+    return [int(x) for x in statuses]
+
+
+def _short(key: bytes) -> str:
+    return key.hex()[:16]
+
+
+class KVStoreServicer(pb_grpc.KVStoreServicer):
+    """The ``kvstore.v1.KVStore`` service over one :class:`~kvstore.daemon.Daemon`."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+        self.h = daemon.h
+        self.w = daemon.write_level
+        self._closed: dict[int, asyncio.Event] = {}
+
+    # ------------------------------------------------------------------ validation
+    def _session(self, sid: int) -> Session:
+        s = self.d.sessions.get(sid)
+        if s is None:
+            _fail(
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown session {sid}: it was closed, expired or never opened "
+                "(the daemon may have restarted); open a new session",
+            )
+        return s
+
+    def _keys(self, keys: Sequence[bytes], field: str = "keys", unique: bool = True) -> list[bytes]:
+        limit = self.d.cfg.server.max_keys_per_request
+        if len(keys) > limit:
+            _fail(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{len(keys)} {field} in one request; the limit is {limit} "
+                "(server.max_keys_per_request): split the batch",
+            )
+        out = list(keys)
+        for i, k in enumerate(out):
+            if len(k) != KEY_BYTES:
+                _fail(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{field}[{i}] is {len(k)} bytes; block keys are {KEY_BYTES} bytes "
+                    "(compute them with kvstore.keys)",
+                )
+        if unique and len(set(out)) != len(out):
+            _fail(grpc.StatusCode.INVALID_ARGUMENT, f"duplicate keys in {field}")
+        return out
+
+    def _namespace(self, ns_id: bytes) -> Namespace:
+        ns = self.d.namespaces.get(ns_id)
+        if ns is None:
+            _fail(
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown namespace {ns_id.hex()[:16] or '(empty)'}: call RegisterNamespace "
+                "with the model's layout first",
+            )
+        return ns
+
+    def _slot(self, e: Any) -> pb.Slot:
+        off, n = e.locs[self.w]
+        return pb.Slot(offset=off, length=n)
+
+    # ------------------------------------------------------------------ sessions
+    async def OpenSession(self, request: pb.OpenSessionRequest, context: Ctx) -> Any:
+        s = self.d.sessions.open(request.client_name, request.client_pid)
+        self._closed[s.id] = asyncio.Event()
+        arena = self.d.dram.arena
+        return pb.OpenSessionResponse(
+            session_id=s.id,
+            arena=pb.ArenaInfo(path=arena.path, size=arena.size),
+            lease_timeout_ms=int(self.d.cfg.server.lease_timeout_s * 1000),
+        )
+
+    async def Watch(self, request: pb.WatchRequest, context: Ctx) -> AsyncIterator[Any]:
+        try:
+            s = self._session(request.session_id)
+        except _Abort as a:
+            await context.abort(a.code, a.msg)
+        ev = self._closed.setdefault(s.id, asyncio.Event())
+        s.watchers += 1
+        try:
+            yield pb.WatchEvent(message=f"session {s.id} open")
+            await ev.wait()
+        finally:
+            # Runs when the client closes the stream or its process dies.
+            s.watchers -= 1
+            if s.watchers == 0 and s.id in self.d.sessions.sessions:
+                self.d.sessions.close(s.id, reason="client disconnected")
+                self._closed.pop(s.id, None)
+
+    async def CloseSession(self, request: pb.CloseSessionRequest, context: Ctx) -> Any:
+        released, aborted = self.d.sessions.close(request.session_id)
+        ev = self._closed.pop(request.session_id, None)
+        if ev is not None:
+            ev.set()
+        return pb.CloseSessionResponse(released_pins=released, aborted_allocations=aborted)
+
+    # ------------------------------------------------------------------ namespaces
+    async def RegisterNamespace(self, request: pb.RegisterNamespaceRequest, context: Ctx) -> Any:
+        return await _guard(context, self._register, request)
+
+    def _register(self, request: pb.RegisterNamespaceRequest) -> Any:
+        self._session(request.session_id)
+        sp = request.spec
+        try:
+            ns = Namespace(
+                model_id=sp.model_id,
+                num_layers=sp.num_layers,
+                num_kv_heads=sp.num_kv_heads,
+                head_dim=sp.head_dim,
+                block_tokens=sp.block_tokens,
+                kv_dtype=sp.kv_dtype or "bfloat16",
+                layout=sp.layout or "generic",
+                tp_rank=sp.tp_rank,
+                tp_size=sp.tp_size or 1,
+                tenant_salt=sp.tenant_salt,
+                hash_algo=sp.hash_algo or "sha256",
+            )
+            self.d.dram.check_block_size(ns.block_nbytes)
+        except (KeyInputError, ValueError) as exc:
+            _fail(grpc.StatusCode.INVALID_ARGUMENT, f"invalid namespace: {exc}")
+        ns_id = ns.digest()
+        self.d.namespaces[ns_id] = ns
+        return pb.RegisterNamespaceResponse(namespace_id=ns_id, block_nbytes=ns.block_nbytes)
+
+    # ------------------------------------------------------------------ lookups
+    async def Lookup(self, request: pb.LookupRequest, context: Ctx) -> Any:
+        return await _guard(context, self._lookup, request)
+
+    def _lookup(self, request: pb.LookupRequest) -> Any:
+        self._session(request.session_id)
+        computed: list[bytes] = []
+        if request.token_ids:
+            if request.keys:
+                _fail(grpc.StatusCode.INVALID_ARGUMENT, "give keys or token_ids, not both")
+            ns = self._namespace(request.namespace_id)
+            computed = list(ns.block_keys(np.asarray(request.token_ids, dtype=np.uint32)))
+            keys = self._keys(computed, unique=False)
+        else:
+            keys = self._keys(request.keys, unique=False)
+        hits = self.h.lookup(keys)
+        return pb.LookupResponse(
+            num_cached=len(hits),
+            tier_index=[e.top for e in hits],
+            keys=computed,
+            tier_names=[lv.tier.name for lv in self.h.levels],
+        )
+
+    # ------------------------------------------------------------------ writes
+    async def Allocate(self, request: pb.AllocateRequest, context: Ctx) -> Any:
+        return await _guard(context, self._allocate, request)
+
+    def _allocate(self, request: pb.AllocateRequest) -> Any:
+        s = self._session(request.session_id)
+        ns = self._namespace(request.namespace_id)
+        if request.block_nbytes != ns.block_nbytes:
+            _fail(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"wrong block size: namespace {ns.model_id!r} has blocks of {ns.block_nbytes} "
+                f"bytes (layers x 2 x tokens x kv_heads x head_dim x dtype), the request "
+                f"says {request.block_nbytes}",
+            )
+        keys = self._keys(request.keys)
+        parent: bytes | None = request.parent_key or None
+        if parent is not None:
+            if len(parent) != KEY_BYTES:
+                _fail(grpc.StatusCode.INVALID_ARGUMENT, f"parent_key must be {KEY_BYTES} bytes")
+            if parent == request.namespace_id:
+                parent = None
+        statuses, entries = self.h.allocate(
+            s.id, request.namespace_id, ns.block_nbytes, parent, keys, request.first_depth
+        )
+        if Status.NO_SPACE in statuses:
+            tier = self.h.levels[self.w].tier
+            pinned = sum(1 for e in self.h.index.values() if e.pins or e.state == PENDING)
+            _fail(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"no room for {statuses.count(Status.NO_SPACE)} new block(s) of "
+                f"{ns.block_nbytes} B in tier {tier.name!r} (capacity {tier.capacity_bytes} B, "
+                f"used {tier.used_bytes} B, {pinned} blocks pinned or pending) and nothing "
+                "evictable: release leases, store fewer blocks, or raise the tier's capacity",
+            )
+        slots = []
+        for k, st, e in zip(keys, statuses, entries, strict=True):
+            if st == Status.NEW:
+                s.allocs.add(k)
+                slots.append(self._slot(e))
+            else:
+                slots.append(pb.Slot())
+        return pb.AllocateResponse(status=_codes(statuses), slots=slots)
+
+    async def Commit(self, request: pb.CommitRequest, context: Ctx) -> Any:
+        return await _guard(context, self._commit, request)
+
+    def _commit(self, request: pb.CommitRequest) -> Any:
+        s = self._session(request.session_id)
+        keys = self._keys(request.keys)
+        sums = list(request.checksums)
+        if sums and len(sums) != len(keys):
+            _fail(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{len(sums)} checksums for {len(keys)} keys: give one per key or none",
+            )
+        problems = []
+        for k in keys:
+            e = self.h.get(k)
+            if e is None:
+                problems.append(f"{_short(k)} was never allocated (or was aborted)")
+            elif e.state == READY:
+                problems.append(f"{_short(k)} is already committed")
+            elif e.owner != s.id:
+                problems.append(f"{_short(k)} is being written by another session")
+        if problems:
+            more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+            _fail(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"commit rejected, nothing committed: {'; '.join(problems[:3])}{more}",
+            )
+        st = self.h.commit(s.id, keys, sums)
+        s.allocs.difference_update(keys)
+        return pb.CommitResponse(status=_codes(st))
+
+    async def Abort(self, request: pb.AbortRequest, context: Ctx) -> Any:
+        return await _guard(context, self._abort, request)
+
+    def _abort(self, request: pb.AbortRequest) -> Any:
+        s = self._session(request.session_id)
+        keys = [k for k in self._keys(request.keys) if k in s.allocs]
+        n = self.h.abort(s.id, keys)
+        s.allocs.difference_update(keys)
+        return pb.AbortResponse(aborted=n)
+
+    # ------------------------------------------------------------------ reads
+    async def Acquire(self, request: pb.AcquireRequest, context: Ctx) -> Any:
+        return await _guard(context, self._acquire, request)
+
+    def _acquire(self, request: pb.AcquireRequest) -> Any:
+        s = self._session(request.session_id)
+        keys = self._keys(request.keys)
+        statuses, entries = self.h.acquire(keys)
+        slots = []
+        for k, e in zip(keys, entries, strict=True):
+            if e is None:
+                slots.append(pb.Slot())
+            else:
+                s.pins[k] += 1
+                slots.append(self._slot(e))
+        return pb.AcquireResponse(status=_codes(statuses), slots=slots)
+
+    async def Release(self, request: pb.ReleaseRequest, context: Ctx) -> Any:
+        return await _guard(context, self._release, request)
+
+    def _release(self, request: pb.ReleaseRequest) -> Any:
+        s = self._session(request.session_id)
+        keys = self._keys(request.keys, unique=False)
+        need: dict[bytes, int] = {}
+        for k in keys:
+            need[k] = need.get(k, 0) + 1
+        bad = [k for k, n in need.items() if s.pins.get(k, 0) < n]
+        if bad:
+            _fail(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"release rejected, nothing released: {len(bad)} key(s) (first "
+                f"{_short(bad[0])}) are not acquired by this session; a lease belongs "
+                "to the session that acquired it",
+            )
+        for k, n in need.items():
+            e = self.h.get(k)
+            if e is not None:
+                e.pins -= n
+            s.pins[k] -= n
+            if s.pins[k] <= 0:
+                del s.pins[k]
+        return pb.ReleaseResponse(status=_codes([Status.OK] * len(keys)))
+
+    async def Prefetch(self, request: pb.PrefetchRequest, context: Ctx) -> Any:
+        return await _guard(context, self._prefetch, request)
+
+    def _prefetch(self, request: pb.PrefetchRequest) -> Any:
+        self._session(request.session_id)
+        keys = self._keys(request.keys)
+        todo = [
+            k
+            for k in keys
+            if (e := self.h.get(k)) is not None and e.state == READY and e.locs[self.w] is None
+        ]
+        if todo:
+            # Answer first, promote right after: the caller does not wait for the reads.
+            asyncio.get_running_loop().call_soon(self._promote_now, todo)
+        return pb.PrefetchResponse(scheduled=len(todo))
+
+    def _promote_now(self, keys: list[bytes]) -> None:
+        _, entries = self.h.acquire(keys)
+        self.h.release([e for e in entries if e is not None])
+
+    async def Delete(self, request: pb.DeleteRequest, context: Ctx) -> Any:
+        return await _guard(context, self._delete, request)
+
+    def _delete(self, request: pb.DeleteRequest) -> Any:
+        self._session(request.session_id)
+        keys = self._keys(request.keys)
+        return pb.DeleteResponse(status=_codes(self.h.delete(keys)))
+
+    async def Stats(self, request: pb.StatsRequest, context: Ctx) -> Any:
+        return pb.StatsResponse(json=json.dumps(self.d.stats(), default=str))
+
+
+async def _guard(context: Ctx, fn: Any, request: Any) -> Any:
+    """Runs a handler; validation failures become the gRPC status they name."""
+    try:
+        return fn(request)
+    except _Abort as a:
+        await context.abort(a.code, a.msg)

@@ -1,0 +1,105 @@
+"""Config: every field validated with a message naming it; `serve --help` documents them."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvstore.cli import CONFIG_HELP, main
+from kvstore.config import (
+    ConfigError,
+    ServerConfig,
+    TierConfig,
+    config_from_dict,
+    load_config,
+    parse_size,
+)
+from tests.kvstore.conftest import DaemonProc
+from tests.kvstore.helpers import ROOT
+
+
+def test_defaults_validate() -> None:
+    cfg = load_config(None)
+    assert cfg.server.socket.endswith("kvstore.sock")
+    assert cfg.tiers[0].kind == "dram" and cfg.tiers[0].capacity >= 256 << 20
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"server": {"sockt": "x"}}, "server: unknown field.*sockt"),
+        ({"server": {"lease_timeout_s": "soon"}}, "server.lease_timeout_s: expected float"),
+        ({"server": {"tcp": "localhost"}}, "server.tcp"),
+        ({"server": {"log_level": "loud"}}, "server.log_level"),
+        ({"server": {"metrics_port": 70000}}, "metrics_port"),
+        ({"tiers": [{"name": "dram", "kind": "dram", "capacity": "2 parsecs"}]}, "capacity"),
+        ({"tiers": [{"name": "dram", "kind": "dram", "capacity": 0}]}, "capacity: must be > 0"),
+        (
+            {"tiers": [{"name": "dram", "kind": "dram", "capacity": "1GiB", "policy": "magic"}]},
+            "unknown policy 'magic'; known: .*lru",
+        ),
+        (
+            {"tiers": [{"name": "dram", "kind": "dram", "capacity": "1GiB", "admission": "x"}]},
+            "unknown admission 'x'; known: .*always",
+        ),
+        ({"tiers": [{"name": "n", "kind": "nvme", "capacity": "1GiB"}]}, "kind 'dram'"),
+        ({"tiers": [{"name": "a", "kind": "dram", "capacity": 1, "colour": 1}]}, "colour"),
+        ({"tier": []}, "unknown top-level field"),
+    ],
+)
+def test_invalid_fields_are_named(data: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict(data)
+
+
+def test_sizes() -> None:
+    assert parse_size("2GiB", "x") == 2 << 30
+    assert parse_size("512 MiB", "x") == 512 << 20
+    assert parse_size("1.5G", "x") == int(1.5 * (1 << 30))
+    assert parse_size(4096, "x") == 4096
+    with pytest.raises(ConfigError):
+        parse_size(True, "x")
+
+
+def test_help_documents_every_field() -> None:
+    for f in dataclasses.fields(ServerConfig):
+        assert f"{f.name} =" in CONFIG_HELP, f.name
+    for f in dataclasses.fields(TierConfig):
+        assert f"{f.name} =" in CONFIG_HELP, f.name
+    assert "data_dir =" in CONFIG_HELP
+
+
+def test_serve_help_and_bad_config_exit_codes(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "kvstore", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0 and "persist_on_shutdown" in out.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[server]\nlog_level = "loud"\n')
+    assert main(["serve", "--config", str(bad)]) == 2
+    bad.write_text("this is not toml ===")
+    assert main(["serve", "--config", str(bad)]) == 2
+    assert main(["serve", "--config", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_socket_in_use_is_a_clear_error(daemon: DaemonProc, capsys: pytest.CaptureFixture) -> None:
+    rc = main(["serve", "--socket", daemon.socket, "--dram", "64MiB"])
+    assert rc == 2
+    assert "already serving" in capsys.readouterr().err
+    assert Path(daemon.socket).is_socket()  # the running daemon's socket is left alone
+    assert main(["stats", "--socket", daemon.socket]) == 0
+
+
+def test_stats_command(daemon: DaemonProc, capsys: pytest.CaptureFixture) -> None:
+    assert main(["stats", "--socket", daemon.socket]) == 0
+    out = capsys.readouterr().out
+    assert "hit rate" in out and "dram" in out
+    assert main(["stats", "--socket", daemon.socket, "--json"]) == 0
+    assert '"counters"' in capsys.readouterr().out
