@@ -417,10 +417,7 @@ class Hierarchy:
         victims_of = lv.policy.victims
         reserve = lv.tier.reserve
         while h is None:
-            # One victim at a time: a victim's parent becomes evictable only once the
-            # victim is gone, so asking for several would make policies scan past
-            # whole chains (and blocks of one namespace are all the same size).
-            victims = victims_of(1, ok)
+            victims = victims_of(4, ok)
             if not victims:
                 return None
             for v in victims:

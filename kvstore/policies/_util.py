@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from kvstore.entry import BlockEntry
 
+LOOKAHEAD = 4
+"""Non-evictable entries passed over after a first victim is found."""
+
 
 def scan(
     queue: OrderedDict[BlockEntry, None],
@@ -19,26 +22,35 @@ def scan(
 ) -> None:
     """Appends to ``out`` evictable entries of ``queue`` from its cold end, up to ``n``.
 
-    ``limit`` >= 0 caps how many non-evictable entries are passed over (so a caller
-    can fall through to another queue instead of rotating a whole one).
-
-    An entry that may not go now is pinned (in use) or holds up a resident child,
-    whose use is also a use of its prefix: it is rotated to the hot end, so the
-    next scan does not walk over it again.  That keeps victim selection amortized
-    O(1) however many entries are not evictable, and never loops: every entry is
-    looked at most once per call.
+    Until a first victim is found, an entry that may not go now is rotated to the
+    hot end: it is pinned (in use) or holds up a resident child, whose use is also
+    a use of its prefix, and the next scan should not walk over it again.  That
+    keeps victim selection amortized O(1) however many entries are not evictable.
+    Once a victim is named, its parent is typically next and cannot be named in
+    the same call (it becomes evictable only when the victim is gone), so the scan
+    looks at most ``LOOKAHEAD`` further entries, without rotating them, and stops.
+    ``limit`` >= 0 caps how many entries are rotated (so a caller can fall through
+    to another queue instead of rotating a whole one).  Every entry is looked at
+    most once per call.
     """
     if len(out) >= n:
         return
     skipped: list[BlockEntry] = []
+    rotate = not out
+    ahead = 0
     for e in queue:
         if evictable(e):
             out.append(e)
             if len(out) >= n:
                 break
-        else:
+            rotate = False
+        elif rotate:
             skipped.append(e)
             if len(skipped) == limit:
+                break
+        else:
+            ahead += 1
+            if ahead > LOOKAHEAD:
                 break
     move = queue.move_to_end
     for e in skipped:

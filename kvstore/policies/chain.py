@@ -186,11 +186,6 @@ class ChainPolicy(EvictionPolicy):
             first, second = win, main
         else:
             first, second = main, win
-        if n == 1:  # fast path: the cold end is usually a leaf
-            for e in first:
-                if evictable(e):
-                    return [e]
-                break
         out: list[BlockEntry] = []
         # A bounded look first: the cold end of one segment is often a parent of
         # blocks in the other (not evictable yet); evict there instead.

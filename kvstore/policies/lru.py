@@ -6,6 +6,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from kvstore.policies._util import scan
 from kvstore.policies.base import POLICIES, EvictionPolicy
 
 if TYPE_CHECKING:
@@ -37,20 +38,7 @@ class LRUPolicy(EvictionPolicy):
 
     def victims(self, n: int, evictable: Callable[[BlockEntry], bool]) -> list[BlockEntry]:
         out: list[BlockEntry] = []
-        skipped: list[BlockEntry] = []
-        for e in self._order:
-            if evictable(e):
-                out.append(e)
-                if len(out) >= n:
-                    break
-            else:
-                skipped.append(e)
-        # A block that may not go now is in use (pinned) or holds up a resident child,
-        # whose use is a use of its prefix: rotate it to the hot end so the next scan
-        # does not walk over it again.
-        move = self._order.move_to_end
-        for e in skipped:
-            move(e)
+        scan(self._order, n, evictable, out)
         return out
 
     def __len__(self) -> int:
