@@ -57,6 +57,18 @@ def scan(
         move(e)
 
 
+def observed_capacity(held: int, hint: int) -> int | None:
+    """The tier's real size in blocks when the hint is off by 2x or more, else None.
+
+    Policies get a size hint (tier bytes / a typical block size), which is wrong when
+    blocks are much larger or smaller than typical.  ``victims`` is only called on a
+    full tier, so the number of resident entries then is the real size.
+    """
+    if 2 * held < hint or held > 2 * hint:
+        return max(1, held)
+    return None
+
+
 class Ghosts:
     """A bounded FIFO of keys of blocks that left a queue (no bytes, no entries).
 

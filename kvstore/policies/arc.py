@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from kvstore.policies._util import Ghosts, scan
+from kvstore.policies._util import Ghosts, observed_capacity, scan
 from kvstore.policies.base import POLICIES, EvictionPolicy
 
 if TYPE_CHECKING:
@@ -72,6 +72,10 @@ class ARCPolicy(EvictionPolicy):
 
     def victims(self, n: int, evictable: Callable[[BlockEntry], bool]) -> list[BlockEntry]:
         t1, t2 = self._t1, self._t2
+        real = observed_capacity(len(t1) + len(t2), self.capacity_blocks)
+        if real is not None:
+            self.capacity_blocks = real
+            self._p = min(self._p, float(real))
         first, second = (t1, t2) if t1 and (len(t1) > self._p or not t2) else (t2, t1)
         out: list[BlockEntry] = []
         scan(first, n, evictable, out)

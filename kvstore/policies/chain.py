@@ -34,7 +34,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from kvstore.policies._util import scan
+from kvstore.policies._util import observed_capacity, scan
 from kvstore.policies.base import POLICIES, EvictionPolicy
 
 if TYPE_CHECKING:
@@ -74,18 +74,22 @@ class ChainPolicy(EvictionPolicy):
         self._history: OrderedDict[bytes, tuple[int, int, int, int]] = OrderedDict()
         self._clock = [0, 0]
         self._now = 0
-        cap = self.capacity_blocks
+        self._refs = 0
+        self._rescale(self.capacity_blocks)
+
+    # ------------------------------------------------------------------ helpers
+    def _rescale(self, cap: int) -> None:
+        """Size the distance histograms, window and history for ``cap`` blocks."""
+        self.capacity_blocks = cap
         self._width = max(1, cap // SPLITS)
         nb = (HISTORY_FACTOR + 1) * SPLITS
         # Reuse-distance histograms: window clock, main clock, global clock.
         self._dist = ([0.0] * nb, [0.0] * nb, [0.0] * nb)
         self._window = max(1, int(cap * MIN_WINDOW_FRACTION))
-        self._refs = 0
         self._period = max(SPLITS, cap // 2)
-        self._lru_mode = False
         self._hist_limit = HISTORY_FACTOR * cap
+        self._lru_mode = False
 
-    # ------------------------------------------------------------------ helpers
     def _record(self, seg: int, last: int, glast: int) -> None:
         """A reuse after ``clock - last`` ticks of segment ``seg`` (and ``now - glast``
         references in all: the distance a plain LRU of the tier would have seen)."""
@@ -177,6 +181,9 @@ class ChainPolicy(EvictionPolicy):
             hist.popitem(last=False)
 
     def victims(self, n: int, evictable: Callable[[BlockEntry], bool]) -> list[BlockEntry]:
+        real = observed_capacity(len(self._meta), self.capacity_blocks)
+        if real is not None:
+            self._rescale(real)
         win, main = self._segs
         if self._lru_mode and main and win:
             # LRU mode: the older of the two cold ends goes first.

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from kvstore.policies._util import scan
+from kvstore.policies._util import observed_capacity, scan
 from kvstore.policies.base import POLICIES, EvictionPolicy
 
 if TYPE_CHECKING:
@@ -79,6 +79,9 @@ class LFUPolicy(EvictionPolicy):
             del self._buckets[c][entry]
 
     def victims(self, n: int, evictable: Callable[[BlockEntry], bool]) -> list[BlockEntry]:
+        real = observed_capacity(len(self._count), self.capacity_blocks)
+        if real is not None:
+            self.capacity_blocks = real
         out: list[BlockEntry] = []
         for q in self._buckets:
             if q:

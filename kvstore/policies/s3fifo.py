@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from kvstore.policies._util import Ghosts, scan
+from kvstore.policies._util import Ghosts, observed_capacity, scan
 from kvstore.policies.base import POLICIES, EvictionPolicy
 
 if TYPE_CHECKING:
@@ -64,6 +64,10 @@ class S3FIFOPolicy(EvictionPolicy):
         return max(1, int(SMALL_FRACTION * max(self.capacity_blocks, len(self._freq))))
 
     def victims(self, n: int, evictable: Callable[[BlockEntry], bool]) -> list[BlockEntry]:
+        real = observed_capacity(len(self._freq), self.capacity_blocks)
+        if real is not None:
+            self.capacity_blocks = real
+            self._ghosts.limit = GHOST_FACTOR * real
         out: list[BlockEntry] = []
         small, main, freq = self._small, self._main, self._freq
         # Promotions: used small blocks move to main, used main blocks get another

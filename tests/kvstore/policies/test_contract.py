@@ -10,7 +10,7 @@ import pytest
 from kvstore.entry import READY, BlockEntry
 from kvstore.hierarchy import Hierarchy, Level, Status
 from kvstore.keys import Namespace
-from kvstore.policies import DEFAULT_POLICY, POLICIES, EvictionPolicy
+from kvstore.policies import ADMISSIONS, DEFAULT_POLICY, POLICIES, EvictionPolicy
 from kvstore.tiers.base import NullTier
 
 NS = Namespace("m", num_layers=1, num_kv_heads=1, head_dim=4, block_tokens=4)
@@ -109,15 +109,18 @@ def test_many_non_evictable_entries_stay_fast(name: str) -> None:
     assert p.victims(1, lambda e: e in free and e not in got) == []
 
 
-def _hierarchy(name: str, cap_blocks: int) -> Hierarchy:
-    return Hierarchy([Level.build(NullTier("t0", cap_blocks * B), name, "always", block_hint=B)])
+def _hierarchy(name: str, cap_blocks: int, hint: int | None = None) -> Hierarchy:
+    hint = cap_blocks if hint is None else hint
+    pol = POLICIES.get(name)(hint)  # the size hint may be wrong: blocks of any size
+    return Hierarchy([Level(NullTier("t0", cap_blocks * B), pol, ADMISSIONS.get("always")(hint))])
 
 
+@pytest.mark.parametrize("hint", [40, 2, 640], ids=["right-hint", "hint-too-small", "hint-too-big"])
 @pytest.mark.parametrize("name", ALL)
-def test_through_hierarchy_tail_first_and_capacity(name: str) -> None:
+def test_through_hierarchy_tail_first_and_capacity(name: str, hint: int) -> None:
     rng = random.Random(7)
     cap = 40
-    h = _hierarchy(name, cap)
+    h = _hierarchy(name, cap, hint)
     roots = [NS.block_keys(list(range(s * 10_000, s * 10_000 + 4 * 12))) for s in range(30)]
     for _ in range(400):
         chain = roots[rng.randrange(len(roots))][: rng.randint(1, 12)]
