@@ -152,6 +152,7 @@ def test_real_trace_default_policy_at_5_percent(mooncake_trace: Path) -> None:
     assert ours >= 0.44 * opt
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="issue target not reached: ~46% of OPT (see policies.md)")
 def test_real_trace_target_60_percent_of_opt(mooncake_trace: Path) -> None:
     trace = tr.load_trace(mooncake_trace)
@@ -160,6 +161,7 @@ def test_real_trace_target_60_percent_of_opt(mooncake_trace: Path) -> None:
     assert tr.run_one(trace, DEFAULT_POLICY, 0.05).hit_rate >= 0.6 * opt
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(
     strict=False, reason="issue target not reached on this 2-core VM (see policies.md)"
 )
