@@ -12,7 +12,11 @@ What a block's key chain tells, and how it is used here:
   is treated as reused even when its own count is still one.
 * **Depth / tail-first.**  The hierarchy touches and inserts chains tail first,
   so in each LRU segment the deep end of a chain is met before its head; the
-  ``evictable`` predicate enforces the rest.
+  ``evictable`` predicate enforces the rest.  Depth is not used as a priority of
+  its own: on the Mooncake trace the chance that a block seen once is reused only
+  moves between 0.2 and 0.4 with depth, and depth classes measured worse.
+  Recompute cost (which grows with depth) is not weighed either: every block
+  counts the same in a prefix-hit rate.
 
 Structure: a *window* (LRU) for blocks referenced once and a *main* segment (LRU)
 for reused blocks, so one-off prompts pass through the window without washing out
@@ -20,12 +24,15 @@ what is reused.  How to split the tier between the two is not a constant: it
 depends on how far apart reuses are compared with the tier's size.  The policy
 measures it.  For every reuse it records the reuse distance in the segment's own
 clock (insertions and touches since the block's last reference), both for hits
-and for blocks that come back after eviction (from the history).  Those two
-histograms are the miss-ratio curves of the segments; every half-tier of
-references the window size is set to the split that would have hit most, over
-recent (decayed) history.  With reuse distances beyond the tier the window
-shrinks to a filter; with reuses that an LRU of the whole tier catches it grows
-toward plain LRU.
+and for blocks that come back after eviction (from the history), and in the
+global clock (what a plain LRU of the whole tier would have seen).  Those
+histograms are miss-ratio curves; every half-tier of references the window size
+is set to the split that would have hit most over recent (decayed) history, or
+the policy becomes plain LRU when that would have hit more.  With reuse distances
+beyond the tier the window shrinks to a filter; with reuses that an LRU of the
+whole tier catches, it turns into LRU.  Sizes are in blocks: when the size hint
+is off (blocks much larger or smaller than typical), the real size is learnt the
+first time the tier is full.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ DECAY = 0.5
 MIN_WINDOW_FRACTION = 1 / 64
 SCAN_LIMIT = 8
 SPLIT_MARGIN = 1.0
-"""Plain LRU is chosen when its estimated hits reach this share of the best split's."""
+"""Plain LRU is chosen when its estimated hits exceed this share of the best split's."""
 
 _WIN, _MAIN = 0, 1
 
