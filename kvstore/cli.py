@@ -185,7 +185,12 @@ def format_stats(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_BENCHES = {"kv-throughput": "bench.kv_throughput"}
+_BENCHES = {
+    "kv-throughput": "bench.kv_throughput",
+    "trace-replay": "bench.trace_replay",
+    "nvme": "bench.nvme_tier",
+    "gpu": "bench.gpu_bench",
+}
 
 
 def _bench_parser(sub: Any) -> None:
@@ -197,7 +202,8 @@ def _bench_parser(sub: Any) -> None:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     mod = importlib.import_module(_BENCHES[args.name])
-    return int(mod.main(args.args) or 0)
+    rc = mod.main(args.args)
+    return rc if isinstance(rc, int) else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
