@@ -68,7 +68,10 @@ def map_arena(path: str, size: int) -> mmap.mmap:
     except OSError as exc:
         raise DaemonUnavailable(f"cannot open the daemon's arena {path}: {exc}") from None
     try:
-        return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        # MAP_POPULATE fills this process's page tables now: otherwise the first touch of
+        # every arena page in the client takes a page fault (~0.4 GB/s instead of memcpy).
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        return mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
 
@@ -135,6 +138,16 @@ def acquired_views(resp: Any, arena: memoryview) -> list[memoryview | None]:
         arena[s.offset : s.offset + s.length] if st == Status.OK else None
         for st, s in zip(resp.status, resp.slots, strict=True)
     ]
+
+
+def readonly_arrays(views: Sequence[memoryview]) -> list[np.ndarray]:
+    """Read-only ``np.uint8`` arrays over arena views (no copy)."""
+    out = []
+    for v in views:
+        a = np.frombuffer(v, dtype=np.uint8)
+        a.flags.writeable = False
+        out.append(a)
+    return out
 
 
 def parse_stats(resp: Any) -> dict[str, Any]:

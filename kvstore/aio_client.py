@@ -33,11 +33,7 @@ class AsyncBlockLease:
     def __init__(self, client: AsyncClient, keys: list[bytes], views: list[memoryview], bt: int):
         self._client = client
         self.keys = keys
-        self.arrays = []
-        for v in views:
-            a = np.frombuffer(v, dtype=np.uint8)
-            a.flags.writeable = False
-            self.arrays.append(a)
+        self.arrays = w.readonly_arrays(views)
         self.num_tokens = len(keys) * bt
         self._open = True
 
@@ -66,6 +62,9 @@ class AsyncClient:
         self._mm: mmap.mmap | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._registered: set[bytes] = set()
+        self._stub: Any = None
+        self._arena = memoryview(b"")
+        self.session_id = 0
 
     @classmethod
     async def connect(

@@ -53,11 +53,7 @@ class BlockLease:
         self._client = client
         self.keys = list(keys)
         self._views = views
-        self.arrays = []
-        for v in views:
-            a = np.frombuffer(v, dtype=np.uint8)
-            a.flags.writeable = False
-            self.arrays.append(a)
+        self.arrays = w.readonly_arrays(views)
         self.num_tokens = len(keys) * bt
         self._open = True
 

@@ -326,14 +326,19 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     def _prefetch(self, request: pb.PrefetchRequest) -> Any:
         self._session(request.session_id)
         keys = self._keys(request.keys)
-        moved = [
+        todo = [
             k
             for k in keys
-            if (e := self.h.get(k)) is not None and e.state == READY and e.top != self.w
+            if (e := self.h.get(k)) is not None and e.state == READY and e.locs[self.w] is None
         ]
-        statuses, entries = self.h.acquire(moved)
+        if todo:
+            # Answer first, promote right after: the caller does not wait for the reads.
+            asyncio.get_running_loop().call_soon(self._promote_now, todo)
+        return pb.PrefetchResponse(scheduled=len(todo))
+
+    def _promote_now(self, keys: list[bytes]) -> None:
+        _, entries = self.h.acquire(keys)
         self.h.release([e for e in entries if e is not None])
-        return pb.PrefetchResponse(scheduled=sum(1 for x in statuses if x == Status.OK))
 
     async def Delete(self, request: pb.DeleteRequest, context: Ctx) -> Any:
         return await _guard(context, self._delete, request)

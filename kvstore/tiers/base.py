@@ -14,7 +14,7 @@ threads (the NVMe tier writes through a bounded queue) as long as a
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -109,6 +109,21 @@ class Tier(ABC):
             ChecksumMismatch: the stored bytes fail ``entry.checksum``.
             TierIOError: the read failed.
         """
+
+    def read_many(
+        self, items: Sequence[tuple[Handle, BlockEntry, memoryview]]
+    ) -> Sequence[Exception | None]:
+        """Reads many blocks; one result per item: ``None`` or the
+        :class:`ChecksumMismatch` / :class:`TierIOError` it raised.  Disk tiers override
+        this to keep many reads in flight."""
+        out: list[Exception | None] = []
+        for h, e, dst in items:
+            try:
+                self.read_into(h, e, dst)
+                out.append(None)
+            except (ChecksumMismatch, TierIOError) as exc:
+                out.append(exc)
+        return out
 
     @abstractmethod
     def free(self, handle: Handle) -> None:

@@ -1,0 +1,631 @@
+"""The NVMe tier: a persistent, crash-safe block store in append-only segment files.
+
+Layout under ``path``: ``segments/seg-NNNNNNNN.dat`` (every extent 4 KiB-aligned),
+``index/`` (LMDB: key -> :class:`~kvstore.tiers.nvme_index.Record`) and ``LOCK``.
+
+Life of a block (the handle is a :class:`Slot`, which compaction may move):
+
+1. ``reserve`` counts its aligned size against the capacity.
+2. ``write`` (event-loop thread) copies the bytes into a staging buffer from a
+   bounded pool -- waiting for one when all are in flight -- places the extent at the
+   end of the active segment and hands the ``pwritev`` to an I/O thread.
+3. The committer thread batches finished writes: ``fdatasync`` of their segments,
+   then one LMDB transaction that points the index at them.  The index never names
+   bytes that are not durable, so after ``kill -9`` every indexed block reads back
+   exactly (and a checksum on every read catches whatever the disk does later).
+4. ``free`` turns the extent into dead space and queues a conditional index
+   delete.  Compaction copies the live blocks of mostly-dead sealed segments
+   forward, moves their index records in one transaction, and deletes the file once
+   no reader holds it.
+
+Thread contract: ``reserve/write/free/read_into/read_many/flush/compact`` may be
+called from the hierarchy's thread; the tier's own threads touch shared state only
+under ``self._lock``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import queue
+import threading
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import xxhash
+
+from kvstore.config import ConfigError, TierConfig
+from kvstore.tiers.base import TIERS, ChecksumMismatch, RecoveredBlock, Tier, TierIOError
+from kvstore.tiers.nvme_index import DeleteIf, Index, MoveIf, NvmeIndexError, Op, Put, Record
+from kvstore.tiers.nvme_io import ALIGN, IOBackend, StagingPool, align_up, make_backend
+from kvstore.tiers.nvme_io import probe_o_direct as _probe_o_direct
+from kvstore.tiers.nvme_options import NvmeDirError, NvmeOptions
+from kvstore.tiers.nvme_segments import Segment, SegmentSet, Slot, SlotState
+
+if TYPE_CHECKING:
+    from kvstore.entry import BlockEntry
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NvmeDirError", "NvmeOptions", "NvmeTier", "Slot"]
+
+
+def _open_dir(path: Path, create: bool) -> Path:
+    """The tier directory, created if allowed; a clear error naming the path if unusable."""
+    if not path.exists():
+        if not create:
+            raise NvmeDirError(f"nvme tier directory {path} does not exist (create_dir = false)")
+        try:
+            path.mkdir(parents=True)
+        except OSError as exc:
+            raise NvmeDirError(f"cannot create nvme tier directory {path}: {exc}") from exc
+    if not path.is_dir():
+        raise NvmeDirError(f"nvme tier path {path} exists but is not a directory")
+    probe = path / ".write-probe"
+    try:
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as exc:
+        raise NvmeDirError(f"nvme tier directory {path} is not writable: {exc}") from exc
+    return path
+
+
+@TIERS.register("nvme")
+class NvmeTier(Tier):
+    """Blocks in segment files on a local disk, indexed in LMDB; survives restarts.
+
+    Args:
+        name: tier name in the config.
+        capacity_bytes: bound on the live bytes (each block counts its 4 KiB-aligned size).
+        path: the tier's directory (created when missing unless ``create_dir`` is off).
+        options: tunables (see :class:`NvmeOptions`).
+
+    Raises:
+        NvmeDirError: the directory is missing, unwritable or used by another process.
+        ConfigError: ``o_direct = true`` or ``io_backend = "kvikio"`` cannot be honoured.
+    """
+
+    kind = "nvme"
+    persistent = True
+
+    def __init__(
+        self, name: str, capacity_bytes: int, path: Path, options: NvmeOptions | None = None
+    ) -> None:
+        super().__init__(name, capacity_bytes)
+        self.opts = o = options or NvmeOptions()
+        o.validate(f"tier {name!r}")
+        self.path = _open_dir(Path(path), o.create_dir)
+        self._lock_fd = self._take_dir_lock()
+        self._closed = False
+        try:
+            seg_dir = self.path / "segments"
+            seg_dir.mkdir(exist_ok=True)
+            can_direct = _probe_o_direct(seg_dir)
+            if o.o_direct is True and not can_direct:
+                raise ConfigError(f"tier {name!r}: o_direct = true but {seg_dir} refuses O_DIRECT")
+            self.o_direct = can_direct and o.o_direct is not False
+            try:
+                self.io: IOBackend = make_backend(o.io_backend, self.o_direct)
+            except RuntimeError as exc:
+                raise ConfigError(f"tier {name!r}: {exc}") from exc
+            try:
+                self.index = Index(self.path / "index", o.index_map_bytes)
+            except NvmeIndexError as exc:
+                raise NvmeDirError(str(exc)) from exc
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        self._lock = threading.Lock()
+        self._flushed = threading.Condition(self._lock)
+        self.segs = SegmentSet(seg_dir, self.io, o.segment_bytes)
+        self._used = 0
+        self._pending = 0  # writes issued, not yet durable (or failed)
+        self.counters: dict[str, int] = dict.fromkeys(
+            (
+                "writes write_bytes reads read_bytes reads_from_staging read_many_calls "
+                "checksum_failures io_errors fsyncs index_txns compactions compacted_bytes "
+                "segments_deleted recovered_blocks recovered_dropped orphan_bytes_reclaimed"
+            ).split(),
+            0,
+        )
+        self._recovered = self._load()
+        self.staging = StagingPool(o.staging_bytes)
+        self._wpool = ThreadPoolExecutor(o.io_threads, thread_name_prefix=f"{name}-w")
+        self._rpool = ThreadPoolExecutor(o.io_threads, thread_name_prefix=f"{name}-r")
+        self._commit_q: queue.SimpleQueue[Slot | DeleteIf | threading.Event | None] = (
+            queue.SimpleQueue()
+        )
+        self._db_lock = threading.Lock()  # one index writer at a time, in queue order
+        self._compact_lock = threading.Lock()
+        self._committer = threading.Thread(
+            target=self._commit_loop, name=f"{name}-commit", daemon=True
+        )
+        self._committer.start()
+        self._compact_wake = threading.Event()
+        self._compactor: threading.Thread | None = None
+        if o.background_compaction:
+            self._compactor = threading.Thread(
+                target=self._compact_loop, name=f"{name}-compact", daemon=True
+            )
+            self._compactor.start()
+        log.info(
+            "nvme tier %r at %s: %d blocks recovered, backend %s, O_DIRECT %s",
+            name,
+            self.path,
+            len(self._recovered),
+            self.io.name,
+            "on" if self.o_direct else "off",
+        )
+
+    @classmethod
+    def from_config(cls, cfg: TierConfig, data_dir: Path) -> NvmeTier:
+        """Options: ``path`` (default ``<data_dir>/nvme``) and the fields of :class:`NvmeOptions`.
+
+        Raises:
+            ConfigError: an unknown option or bad value (naming it); ``NvmeDirError``
+                (a ``ConfigError``) when the directory cannot be used.
+        """
+        where = f"tier {cfg.name!r}"
+        opts = NvmeOptions.from_dict(dict(cfg.options), where)
+        raw_path = cfg.options.get("path", "")
+        if not isinstance(raw_path, str):
+            raise ConfigError(f"{where}.options.path: expected a string, got {raw_path!r}")
+        path = Path(raw_path).expanduser() if raw_path else Path(data_dir) / "nvme"
+        return cls(cfg.name, cfg.capacity, path, opts)
+
+    def _take_dir_lock(self) -> int:
+        lock_path = self.path / "LOCK"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise NvmeDirError(
+                f"nvme tier directory {self.path} is in use by another process ({lock_path} is locked)"
+            ) from None
+        return fd
+
+    # ------------------------------------------------------------------ start-up
+    def _load(self) -> list[Slot]:
+        """Rebuild slots from the index; drop records naming nothing; reclaim orphan space."""
+        segs = self.segs
+        found = segs.scan_files()
+        slots: list[Slot] = []
+        bad: list[bytes] = []
+        for key, raw in self.index.scan():
+            try:
+                rec = Record.decode(raw)
+            except ValueError:
+                bad.append(key)
+                continue
+            seg = found.get(rec.seg)
+            if (
+                seg is None
+                or rec.off % ALIGN
+                or rec.length != align_up(rec.nbytes)
+                or rec.off + rec.length > seg.file_bytes
+            ):
+                bad.append(key)
+                continue
+            s = Slot(key, rec.length, rec.nbytes)
+            s.state = SlotState.DURABLE
+            s.seg, s.off, s.checksum, s.codec = seg, rec.off, rec.checksum, rec.codec
+            s.ns, s.parent, s.depth = rec.ns, rec.parent, rec.depth
+            seg.slots.add(s)
+            seg.live += rec.length
+            self._used += rec.length
+            slots.append(s)
+        if bad:
+            log.warning(
+                "nvme tier %r: dropping %d index records naming no data", self.name, len(bad)
+            )
+            self.index.delete_keys(bad)
+        self.counters["recovered_blocks"] = len(slots)
+        self.counters["recovered_dropped"] = len(bad)
+        self.counters["orphan_bytes_reclaimed"] = segs.adopt(found)
+        return slots
+
+    def recover(self) -> Iterable[RecoveredBlock]:
+        """Every block the index held at start (call once, before new writes)."""
+        out = [
+            RecoveredBlock(s.key, s.ns, s.parent, s.depth, s.nbytes, s.checksum, s)
+            for s in self._recovered
+            if s.state == SlotState.DURABLE
+        ]
+        self._recovered = []
+        return out
+
+    # ------------------------------------------------------------------ accounting
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def reserve(self, nbytes: int, entry: BlockEntry) -> Slot | None:
+        length = align_up(nbytes)
+        if length > self.capacity_bytes:
+            raise ValueError(f"block of {nbytes} B exceeds tier {self.name!r} capacity")
+        if self.degraded or self._closed:
+            return None
+        with self._lock:
+            if self._used + length > self.capacity_bytes:
+                return None
+            self._used += length
+        return Slot(entry.key, length, nbytes)
+
+    def free(self, handle: Slot) -> None:
+        s = handle
+        with self._lock:
+            st = s.state
+            if st == SlotState.FREED:
+                raise ValueError(f"nvme tier {self.name!r}: double free of {s.key.hex()[:16]}")
+            s.state = SlotState.FREED
+            self._used -= s.length
+            seg = s.seg
+            if seg is not None:
+                seg.kill(s)
+                if st == SlotState.DURABLE:
+                    self._commit_q.put(DeleteIf(s.key, seg.id, s.off))
+                if seg.sealed and seg.dead_ratio() >= self.opts.compact_min_dead_ratio:
+                    self._compact_wake.set()
+
+    # ------------------------------------------------------------------ writes
+    def write(self, handle: Slot, entry: BlockEntry, src: memoryview | None) -> None:
+        s = handle
+        if src is None:
+            raise ValueError(f"nvme tier {self.name!r} stores bytes; write() needs src")
+        if s.state != SlotState.RESERVED:
+            raise ValueError(f"nvme tier {self.name!r}: write to a slot in state {s.state.name}")
+        src = memoryview(src).cast("B")
+        if len(src) != s.nbytes:
+            raise ValueError(f"write of {len(src)} B into a slot of {s.nbytes} B")
+        buf = self.staging.acquire(s.length)  # waits when all staging is in flight
+        mv = memoryview(buf)
+        mv[: s.nbytes] = src
+        mv.release()
+        s.ns, s.depth, s.checksum = entry.ns, entry.depth, entry.checksum
+        s.parent = entry.parent.key if entry.parent is not None else None
+        try:
+            with self._lock:
+                seg, off = self.segs.place(s.length)
+                s.seg, s.off, s.staging = seg, off, buf
+                s.state = SlotState.WRITING
+                seg.add(s)
+                seg.pending += 1
+                s.pending = True
+                self._pending += 1
+        except OSError as exc:
+            self.staging.release(buf)
+            self._degrade(f"cannot create a segment in {self.segs.dir}: {exc}")
+            raise TierIOError(f"nvme tier {self.name!r}: {exc}") from exc
+        self._wpool.submit(self._do_write, s)
+
+    def _do_write(self, s: Slot) -> None:
+        buf = s.staging
+        assert buf is not None and s.seg is not None
+        mv = memoryview(buf)
+        err = ""  # a message, not the exception: its traceback would pin the buffer
+        try:
+            if not s.checksum:
+                s.checksum = xxhash.xxh3_64_intdigest(mv[: s.nbytes])
+            self.io.pwrite(s.seg.f, mv[: s.length], s.off)
+        except OSError as exc:
+            err = str(exc)
+        finally:
+            mv.release()
+        with self._lock:
+            s.staging = None
+            if not err:
+                self.counters["writes"] += 1
+                self.counters["write_bytes"] += s.nbytes
+                if s.state == SlotState.WRITING:
+                    s.state = SlotState.WRITTEN
+        self.staging.release(buf)
+        if err:
+            self._fail_slots([s], f"write to {s.seg.path} failed: {err}")
+            return
+        self._commit_q.put(s)
+
+    def _fail_slots(self, slots: Sequence[Slot], reason: str) -> None:
+        """Writes that will never be durable: unreadable, counted, the tier degraded."""
+        with self._lock:
+            for s in slots:
+                seg = s.seg
+                if s.pending:
+                    s.pending = False
+                    self._pending -= 1
+                    if seg is not None:
+                        seg.pending -= 1
+                if s.state != SlotState.FREED:
+                    s.state = SlotState.FAILED
+                    s.why = reason
+                    if seg is not None:
+                        seg.kill(s)
+                        s.seg = None
+                self.counters["io_errors"] += 1
+            self._flushed.notify_all()
+        self._degrade(reason)
+
+    def _degrade(self, reason: str) -> None:
+        with self._lock:
+            first = not self.degraded
+            if first:
+                self.degraded = reason
+        if first:
+            log.warning("nvme tier %r degraded (no new blocks): %s", self.name, reason)
+
+    # ------------------------------------------------------------------ committer
+    def _commit_loop(self) -> None:
+        q = self._commit_q
+        while True:
+            items = [q.get()]
+            while True:
+                try:
+                    items.append(q.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in items
+            self._commit_batch([x for x in items if x is not None])
+            if stop:
+                return
+
+    def _commit_batch(self, items: list[Slot | DeleteIf | threading.Event]) -> None:
+        slots = [x for x in items if isinstance(x, Slot)]
+        failed: list[Slot] = []
+        for seg in {s.seg for s in slots if s.seg is not None}:
+            try:
+                self.segs.make_durable(seg)
+                self.counters["fsyncs"] += 1
+            except OSError as exc:
+                bad = [s for s in slots if s.seg is seg]
+                failed += bad
+                self._fail_slots(bad, f"fdatasync of {seg.path} failed: {exc}")
+        ops: list[Op] = []
+        with self._db_lock:
+            with self._lock:
+                for x in items:
+                    if isinstance(x, DeleteIf):
+                        ops.append(x)
+                    elif isinstance(x, Slot) and x not in failed:
+                        if x.state == SlotState.WRITTEN:
+                            x.state = SlotState.DURABLE
+                            ops.append(Put(x.key, x.record()))
+            if ops:
+                try:
+                    self.index.apply(ops)
+                    self.counters["index_txns"] += 1
+                except Exception as exc:  # noqa: BLE001 - any lmdb.Error: degrade, keep serving
+                    self._degrade(f"index write failed: {exc}")
+        with self._lock:
+            for x in items:
+                if isinstance(x, Slot) and x not in failed and x.pending:
+                    x.pending = False
+                    if x.seg is not None:
+                        x.seg.pending -= 1
+                    self._pending -= 1
+            self._flushed.notify_all()
+        for x in items:
+            if isinstance(x, threading.Event):
+                x.set()
+
+    def _barrier(self) -> None:
+        """Wait until everything queued to the committer so far is applied."""
+        ev = threading.Event()
+        self._commit_q.put(ev)
+        ev.wait()
+
+    def flush(self) -> None:
+        """Block until every write issued so far is durable and indexed."""
+        if self._closed:
+            return
+        with self._lock:
+            while self._pending:
+                self._flushed.wait()
+        self._barrier()
+
+    # ------------------------------------------------------------------ reads
+    def read_into(self, handle: Slot, entry: BlockEntry, dst: memoryview | None) -> None:
+        s = handle
+        if dst is None or len(dst) != s.nbytes:
+            raise ValueError(
+                f"read of a {s.nbytes} B block into {None if dst is None else len(dst)} B"
+            )
+        with self._lock:
+            st = s.state
+            if st == SlotState.WRITING and s.staging is not None:
+                # Still in flight: the staging buffer holds the bytes.
+                dst[:] = memoryview(s.staging)[: s.nbytes]
+                self.counters["reads_from_staging"] += 1
+                return
+            if st == SlotState.CORRUPT:
+                self.counters["checksum_failures"] += 1
+                raise ChecksumMismatch(
+                    f"nvme tier {self.name!r}: block {s.key.hex()[:16]}: {s.why}"
+                )
+            if st == SlotState.FAILED:
+                raise TierIOError(f"nvme tier {self.name!r}: block lost: {s.why}")
+            if st not in (SlotState.WRITTEN, SlotState.DURABLE) or s.seg is None:
+                raise ValueError(f"nvme tier {self.name!r}: read of a slot in state {st.name}")
+            seg, off = s.seg, s.off
+            seg.readers += 1
+        try:
+            self.io.read_extent(seg.f, off, s.length, dst)
+        except OSError as exc:
+            with self._lock:
+                self.counters["io_errors"] += 1
+            raise TierIOError(f"nvme tier {self.name!r}: read of {seg.path}@{off}: {exc}") from exc
+        finally:
+            with self._lock:
+                seg.readers -= 1
+                self.segs.maybe_close(seg)
+        csum = xxhash.xxh3_64_intdigest(dst)
+        ok = csum == s.checksum and (not entry.checksum or entry.checksum == s.checksum)
+        with self._lock:
+            self.counters["reads"] += 1
+            self.counters["read_bytes"] += s.nbytes
+            if not ok:
+                self.counters["checksum_failures"] += 1
+        if not ok:
+            log.warning(
+                "nvme tier %r: checksum mismatch for block %s in %s@%d",
+                self.name,
+                s.key.hex()[:16],
+                seg.path,
+                off,
+            )
+            raise ChecksumMismatch(
+                f"nvme tier {self.name!r}: block {s.key.hex()[:16]} failed its checksum"
+            )
+
+    def read_many(
+        self, items: Sequence[tuple[Slot, BlockEntry, memoryview]]
+    ) -> list[ChecksumMismatch | TierIOError | None]:
+        """Read many blocks in parallel on the I/O threads.
+
+        Returns:
+            One result per item: ``None`` (read and verified), or the
+            :class:`ChecksumMismatch` / :class:`TierIOError` that item raised.
+        """
+        with self._lock:
+            self.counters["read_many_calls"] += 1
+        futs = [self._rpool.submit(self.read_into, h, e, d) for h, e, d in items]
+        out: list[ChecksumMismatch | TierIOError | None] = []
+        for f in futs:
+            exc = f.exception()
+            if exc is not None and not isinstance(exc, ChecksumMismatch | TierIOError):
+                raise exc
+            out.append(exc)
+        return out
+
+    # ------------------------------------------------------------------ compaction
+    def compact(self, min_dead_ratio: float | None = None) -> int:
+        """Compact sealed segments whose dead share is at least ``min_dead_ratio``.
+
+        Returns:
+            Bytes of segment files deleted.
+        """
+        ratio = self.opts.compact_min_dead_ratio if min_dead_ratio is None else min_dead_ratio
+        if self._closed:
+            return 0
+        reclaimed = 0
+        with self._compact_lock:
+            with self._lock:
+                todo = self.segs.candidates(ratio)
+            for seg in todo:
+                reclaimed += self._compact_segment(seg)
+        return reclaimed
+
+    def _compact_segment(self, seg: Segment) -> int:
+        with self._lock:
+            if seg.pending or not seg.sealed:
+                return 0
+            moving = [s for s in seg.slots if s.state == SlotState.DURABLE]
+        moves: list[tuple[Slot, Segment | None, int]] = []
+        buf = self.io.bounce(max((s.length for s in moving), default=ALIGN))
+        try:
+            for s in moving:
+                mv = memoryview(buf)[: s.length]
+                try:
+                    self.io.pread(seg.f, mv, s.off)
+                    if xxhash.xxh3_64_intdigest(mv[: s.nbytes]) != s.checksum:
+                        moves.append((s, None, 0))  # corrupt: not carried forward
+                        continue
+                    with self._lock:
+                        nseg, noff = self.segs.place(s.length)
+                        nseg.pending += 1
+                    moves.append((s, nseg, noff))
+                    self.io.pwrite(nseg.f, mv, noff)
+                finally:
+                    mv.release()
+            for dseg in {m[1] for m in moves if m[1] is not None}:
+                self.segs.make_durable(dseg)
+        except OSError as exc:
+            with self._lock:
+                for s, mseg, _ in moves:
+                    if mseg is not None:
+                        mseg.pending -= 1
+                        mseg.dead += s.length
+            self._degrade(f"compaction of {seg.path} failed: {exc}")
+            return 0
+        ops: list[Op] = []
+        with self._db_lock:
+            with self._lock:
+                for s, to, noff in moves:
+                    alive = s.state == SlotState.DURABLE and s.seg is seg
+                    if to is None:
+                        if alive:  # later reads raise ChecksumMismatch: a miss
+                            s.state = SlotState.CORRUPT
+                            s.why = "checksum mismatch (found by compaction)"
+                            self.counters["checksum_failures"] += 1
+                            seg.kill(s)
+                            s.seg = None
+                            ops.append(DeleteIf(s.key, seg.id, s.off))
+                        continue
+                    to.pending -= 1
+                    if alive:
+                        old_off = s.off
+                        seg.kill(s)
+                        s.seg, s.off = to, noff
+                        to.add(s)
+                        ops.append(MoveIf(s.key, s.record(), seg.id, old_off))
+                    else:
+                        to.dead += s.length  # freed while being copied: garbage now
+            try:
+                self.index.apply(ops)
+            except Exception as exc:  # noqa: BLE001 - any lmdb.Error: keep the old file
+                self._degrade(f"index write failed during compaction: {exc}")
+                return 0
+        # Deletes of blocks freed from this segment are queued: apply them first.
+        self._barrier()
+        with self._lock:
+            size = self.segs.retire(seg)
+            self.counters["compactions"] += 1
+            self.counters["compacted_bytes"] += sum(s.length for s, n, _ in moves if n)
+            self.counters["segments_deleted"] += 1
+        return size
+
+    def _compact_loop(self) -> None:
+        while not self._closed:
+            self._compact_wake.wait(timeout=5.0)
+            self._compact_wake.clear()
+            if self._closed:
+                return
+            self.compact()
+
+    # ------------------------------------------------------------------ lifecycle
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            st = super().stats()
+            st.update(
+                path=str(self.path),
+                io_backend=self.io.name,
+                o_direct=self.o_direct,
+                pending_writes=self._pending,
+                staging_bytes=self.opts.staging_bytes,
+                staging_in_use_bytes=self.staging.in_use_bytes,
+                staging_waits=self.staging.waits,
+                **self.segs.stats(),
+                **self.counters,
+            )
+        return st
+
+    def close(self) -> None:
+        """Flush, stop the threads and release the directory.  Idempotent."""
+        if self._closed:
+            return
+        self.flush()
+        self._closed = True
+        self._compact_wake.set()
+        if self._compactor is not None:
+            self._compactor.join()
+        self._wpool.shutdown(wait=True)
+        self._rpool.shutdown(wait=True)
+        self._commit_q.put(None)
+        self._committer.join()
+        with self._lock:
+            self.segs.close()
+        self.index.close()
+        self.staging.close()
+        os.close(self._lock_fd)

@@ -1,0 +1,101 @@
+"""Options of the NVMe tier (the ``options`` table of a ``kind = "nvme"`` tier)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from kvstore.config import ConfigError, parse_size
+from kvstore.tiers.nvme_io import ALIGN
+
+
+class NvmeDirError(ConfigError):
+    """The tier's directory is missing, not a directory, unwritable or in use."""
+
+
+@dataclass(slots=True)
+class NvmeOptions:
+    """Tunables of one NVMe tier; every field has a default that works on a laptop.
+
+    Attributes:
+        segment_bytes: size at which a segment file is sealed and a new one started.
+        io_threads: threads issuing writes, and as many issuing reads.
+        staging_bytes: memory for writes in flight; ``write`` waits when it is spent.
+        o_direct: ``"auto"`` (use it where the filesystem accepts it), ``True``
+            (fail at start if it does not) or ``False`` (buffered I/O).
+        io_backend: ``"auto"``, ``"posix"`` or ``"kvikio"``.
+        compact_min_dead_ratio: a sealed segment whose freed share reaches this is
+            compacted (its live blocks copied forward, the file deleted).
+        background_compaction: compact on a background thread (else only on
+            :meth:`NvmeTier.compact`).
+        create_dir: create ``path`` when missing (else a missing path is an error).
+        index_map_bytes: LMDB map size (an upper bound, not allocated up front).
+    """
+
+    segment_bytes: int = 256 << 20
+    io_threads: int = 4
+    staging_bytes: int = 64 << 20
+    o_direct: str | bool = "auto"
+    io_backend: str = "auto"
+    compact_min_dead_ratio: float = 0.5
+    background_compaction: bool = True
+    create_dir: bool = True
+    index_map_bytes: int = 4 << 30
+
+    @classmethod
+    def known(cls) -> list[str]:
+        return ["path"] + [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, opts: dict[str, Any], where: str) -> NvmeOptions:
+        """Validated options from a config table (``path`` is handled by the caller).
+
+        Raises:
+            ConfigError: an unknown option or a bad value, naming it.
+        """
+        known = cls.known()
+        o = cls()
+        for k, v in opts.items():
+            if k not in known:
+                raise ConfigError(
+                    f"{where}: unknown nvme option {k!r}; known: {', '.join(sorted(known))}"
+                )
+            if k == "path":
+                continue
+            f = f"{where}.options.{k}"
+            if k in ("segment_bytes", "staging_bytes", "index_map_bytes"):
+                setattr(o, k, parse_size(v, f))
+            elif k == "io_threads":
+                if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 64:
+                    raise ConfigError(f"{f}: expected an integer in 1..64, got {v!r}")
+                o.io_threads = v
+            elif k == "o_direct":
+                if v not in ("auto", True, False):
+                    raise ConfigError(f"{f}: expected 'auto', true or false, got {v!r}")
+                o.o_direct = v
+            elif k == "io_backend":
+                if v not in ("auto", "posix", "kvikio"):
+                    raise ConfigError(f"{f}: expected 'auto', 'posix' or 'kvikio', got {v!r}")
+                o.io_backend = v
+            elif k == "compact_min_dead_ratio":
+                if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 1:
+                    raise ConfigError(f"{f}: expected a number in (0, 1], got {v!r}")
+                o.compact_min_dead_ratio = float(v)
+            elif k in ("background_compaction", "create_dir"):
+                if not isinstance(v, bool):
+                    raise ConfigError(f"{f}: expected true or false, got {v!r}")
+                setattr(o, k, v)
+        o.validate(where)
+        return o
+
+    def validate(self, where: str = "nvme") -> None:
+        """Raises ConfigError on values no option parser would catch alone."""
+        if self.segment_bytes < (1 << 20) or self.segment_bytes % ALIGN:
+            raise ConfigError(
+                f"{where}.options.segment_bytes: must be >= 1 MiB and a multiple of 4 KiB, "
+                f"got {self.segment_bytes}"
+            )
+        if self.staging_bytes < ALIGN:
+            raise ConfigError(f"{where}.options.staging_bytes: must be >= 4 KiB")
+        if self.index_map_bytes < (1 << 20):
+            raise ConfigError(f"{where}.options.index_map_bytes: must be >= 1 MiB")
