@@ -40,10 +40,14 @@ from typing import Any, Protocol
 import torch
 import xxhash
 
+from kernels import describe_kv_caches, gather_blocks, scatter_blocks
 from kvstore.errors import KVStoreError
 from kvstore.keys import DTYPE_BYTES, BlockKey, Namespace
 
 log = logging.getLogger(__name__)
+
+PAGED_LAYOUT = "vllm_cpu"
+"""The :mod:`kernels` layout name of vLLM's CPU KV cache."""
 
 # vLLM's ``cache_dtype`` spellings and torch dtypes -> kvstore Namespace dtype names.
 _CACHE_DTYPES: dict[str, str] = {
@@ -384,13 +388,17 @@ class PagedBlocks:
 
     Each layer is a tensor whose first dimension is the engine block id (vLLM's
     CPU layout ``[num_blocks, kv_heads, block_size, 2 * head_size]``).  One
-    kvstore block is that block of every layer back to back.
+    kvstore block is that block of every layer back to back: the canonical
+    block of :mod:`kernels.layouts` for layout ``"vllm_cpu"``.  The copies are
+    :func:`kernels.gather_blocks` / :func:`kernels.scatter_blocks` (their CPU
+    twins here), one call per batch of blocks.
 
     Args:
         layers: one tensor per layer, in model order.
 
     Raises:
-        ValueError: no layers, or layers that disagree in block count or block size.
+        ValueError: no layers, or layers that disagree in block count or block size
+            (:class:`kernels.KernelInputError`, a ValueError, for other bad shapes).
     """
 
     def __init__(self, layers: Sequence[torch.Tensor]) -> None:
@@ -398,8 +406,6 @@ class PagedBlocks:
             raise ValueError("no KV cache layers to register")
         first = layers[0]
         for i, t in enumerate(layers):
-            if t.dim() < 2:
-                raise ValueError(f"layer {i}: expected [num_blocks, ...], got {tuple(t.shape)}")
             if t.shape != first.shape or t.dtype != first.dtype:
                 raise ValueError(
                     f"layer {i} is {tuple(t.shape)} {t.dtype}; layer 0 is "
@@ -410,34 +416,37 @@ class PagedBlocks:
                     f"layer {i} is on {t.device}: this copy path is for CPU caches only"
                 )
         self.layers = list(layers)
-        self.num_blocks = int(first.shape[0])
+        self._kv = describe_kv_caches(self.layers, PAGED_LAYOUT)
+        self.num_blocks = self._kv.num_blocks
         self.dtype = first.dtype
-        self.layer_nbytes = first[0].numel() * first.element_size()
-        self.block_nbytes = self.layer_nbytes * len(self.layers)
+        self.layer_nbytes = self._kv.plane_nbytes
+        self.block_nbytes = self._kv.block_nbytes
 
-    def _check(self, block_id: int, buf: Any) -> torch.Tensor:
-        if not 0 <= block_id < self.num_blocks:
-            raise ValueError(f"block id {block_id} out of range 0..{self.num_blocks - 1}")
-        t = as_byte_tensor(buf)
-        if t.numel() != self.block_nbytes:
-            raise ValueError(f"buffer of {t.numel()} bytes for a block of {self.block_nbytes}")
-        return t
+    def _bufs(self, block_ids: Sequence[int], bufs: Sequence[Any]) -> list[torch.Tensor]:
+        if len(block_ids) != len(bufs):
+            raise ValueError(f"{len(bufs)} buffers for {len(block_ids)} block ids")
+        out = [as_byte_tensor(b) for b in bufs]
+        for t in out:
+            # Exact: a block of another size is another namespace's, never a prefix of ours.
+            if t.numel() != self.block_nbytes:
+                raise ValueError(f"buffer of {t.numel()} bytes for a block of {self.block_nbytes}")
+        return out
+
+    def gather_many(self, block_ids: Sequence[int], dsts: Sequence[Any]) -> None:
+        """Copies engine blocks ``block_ids`` into the writable buffers ``dsts`` (one each)."""
+        gather_blocks(self._kv, PAGED_LAYOUT, list(block_ids), self._bufs(block_ids, dsts))
+
+    def scatter_many(self, block_ids: Sequence[int], srcs: Sequence[Any]) -> None:
+        """Copies the kvstore blocks ``srcs`` into engine blocks ``block_ids`` (distinct ids)."""
+        scatter_blocks(self._kv, PAGED_LAYOUT, list(block_ids), self._bufs(block_ids, srcs))
 
     def gather(self, block_id: int, dst: Any) -> None:
         """Copies engine block ``block_id`` of every layer into the writable buffer ``dst``."""
-        out = self._check(block_id, dst)
-        for i, layer in enumerate(self.layers):
-            blk = layer[block_id]
-            piece = out[i * self.layer_nbytes : (i + 1) * self.layer_nbytes]
-            piece.view(self.dtype).view(blk.shape).copy_(blk)
+        self.gather_many([block_id], [dst])
 
     def scatter(self, block_id: int, src: Any) -> None:
         """Copies the kvstore block in ``src`` into engine block ``block_id`` of every layer."""
-        inp = self._check(block_id, src)
-        for i, layer in enumerate(self.layers):
-            blk = layer[block_id]
-            piece = inp[i * self.layer_nbytes : (i + 1) * self.layer_nbytes]
-            blk.copy_(piece.view(self.dtype).view(blk.shape))
+        self.scatter_many([block_id], [src])
 
 
 # ---------------------------------------------------------------- transfers
@@ -494,13 +503,13 @@ def load_blocks(
     keys, _ = transfer_keys(ns, t)
     views = client.acquire(keys)
     held = [k for k, v in zip(keys, views, strict=True) if v is not None]
-    n_ok = 0
+    n_ok = next(
+        (i for i, v in enumerate(views) if v is None or v.nbytes != paged.block_nbytes),
+        len(views),
+    )
     try:
-        for v in views:
-            if v is None or v.nbytes != paged.block_nbytes:
-                break
-            paged.scatter(t.block_ids[n_ok], v)
-            n_ok += 1
+        if n_ok:
+            paged.scatter_many(t.block_ids[:n_ok], views[:n_ok])
     finally:
         del views
         if held:
@@ -538,9 +547,9 @@ def save_blocks(
     new_keys = [a.key for _, a in new]
     sums: list[int] = []
     try:
-        for i, a in new:
-            paged.gather(t.block_ids[i], a.view)
-            sums.append(int(xxhash.xxh3_64_intdigest(a.view)))
+        if new:
+            paged.gather_many([t.block_ids[i] for i, _ in new], [a.view for _, a in new])
+            sums = [int(xxhash.xxh3_64_intdigest(a.view)) for _, a in new]
     except BaseException:
         client.abort(new_keys)
         raise

@@ -388,3 +388,23 @@ def test_importing_kvstore_does_not_import_vllm() -> None:
         "assert 'vllm' not in sys.modules, 'importing kvstore imported vllm'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[3])
+
+
+def test_blocks_interchange_with_paged_io() -> None:
+    """Blocks stored by kvstore.paged_io (another engine's glue) load through the connector."""
+    from kvstore.paged_io import load_into_paged, store_from_paged
+
+    ns, c = _ns(), FakeClient()
+    tokens = list(range(50, 50 + 3 * BT))
+    a, b, back = _paged(seed=1), _paged(seed=2), _paged(seed=3)
+    res = store_from_paged(c, ns, a.layers, [4, 5, 6], tokens, "vllm_cpu")
+    assert res.new == 3
+    out = load_blocks(c, ns, b, _transfer(tokens, 0, [7, 8, 9]))
+    assert out.loaded == 3
+    for i, j in ((4, 7), (5, 8), (6, 9)):
+        assert all(torch.equal(x[i], y[j]) for x, y in zip(a.layers, b.layers, strict=True))
+    # and the other way round: the connector's blocks load through paged_io
+    tokens2 = list(range(900, 900 + 2 * BT))
+    save_blocks(c, ns, a, _transfer(tokens2, 0, [1, 2]))
+    assert load_into_paged(c, ns, back.layers, [10, 11], tokens2, "vllm_cpu") == 2 * BT
+    assert all(torch.equal(x[2], y[11]) for x, y in zip(a.layers, back.layers, strict=True))
