@@ -46,7 +46,7 @@ BLOCK = 128
 MODELS: dict[str, dict[str, Any]] = {
     # the e2e test's model: prefill is cheap, so overheads dominate
     "tiny": dict(layers=2, hidden=128, heads=4, kv_heads=2, intermediate=256),
-    # ~25M parameters: prefill of a few thousand tokens takes long enough to matter
+    # ~18M parameters: prefill of a few thousand tokens takes long enough to matter
     "small": dict(layers=6, hidden=512, heads=8, kv_heads=2, intermediate=1408),
 }
 
