@@ -25,7 +25,6 @@ under ``self._lock``.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import queue
@@ -42,7 +41,7 @@ from kvstore.tiers.base import TIERS, ChecksumMismatch, RecoveredBlock, Tier, Ti
 from kvstore.tiers.nvme_index import DeleteIf, Index, MoveIf, NvmeIndexError, Op, Put, Record
 from kvstore.tiers.nvme_io import ALIGN, IOBackend, StagingPool, align_up, make_backend
 from kvstore.tiers.nvme_io import probe_o_direct as _probe_o_direct
-from kvstore.tiers.nvme_options import NvmeDirError, NvmeOptions
+from kvstore.tiers.nvme_options import NvmeDirError, NvmeOptions, open_dir, take_dir_lock
 from kvstore.tiers.nvme_segments import Segment, SegmentSet, Slot, SlotState
 
 if TYPE_CHECKING:
@@ -51,26 +50,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["NvmeDirError", "NvmeOptions", "NvmeTier", "Slot"]
-
-
-def _open_dir(path: Path, create: bool) -> Path:
-    """The tier directory, created if allowed; a clear error naming the path if unusable."""
-    if not path.exists():
-        if not create:
-            raise NvmeDirError(f"nvme tier directory {path} does not exist (create_dir = false)")
-        try:
-            path.mkdir(parents=True)
-        except OSError as exc:
-            raise NvmeDirError(f"cannot create nvme tier directory {path}: {exc}") from exc
-    if not path.is_dir():
-        raise NvmeDirError(f"nvme tier path {path} exists but is not a directory")
-    probe = path / ".write-probe"
-    try:
-        probe.write_bytes(b"x")
-        probe.unlink()
-    except OSError as exc:
-        raise NvmeDirError(f"nvme tier directory {path} is not writable: {exc}") from exc
-    return path
 
 
 @TIERS.register("nvme")
@@ -97,8 +76,8 @@ class NvmeTier(Tier):
         super().__init__(name, capacity_bytes)
         self.opts = o = options or NvmeOptions()
         o.validate(f"tier {name!r}")
-        self.path = _open_dir(Path(path), o.create_dir)
-        self._lock_fd = self._take_dir_lock()
+        self.path = open_dir(Path(path), o.create_dir)
+        self._lock_fd = take_dir_lock(self.path)
         self._closed = False
         try:
             seg_dir = self.path / "segments"
@@ -175,18 +154,6 @@ class NvmeTier(Tier):
             raise ConfigError(f"{where}.options.path: expected a string, got {raw_path!r}")
         path = Path(raw_path).expanduser() if raw_path else Path(data_dir) / "nvme"
         return cls(cfg.name, cfg.capacity, path, opts)
-
-    def _take_dir_lock(self) -> int:
-        lock_path = self.path / "LOCK"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise NvmeDirError(
-                f"nvme tier directory {self.path} is in use by another process ({lock_path} is locked)"
-            ) from None
-        return fd
 
     # ------------------------------------------------------------------ start-up
     def _load(self) -> list[Slot]:
@@ -481,7 +448,7 @@ class NvmeTier(Tier):
 
     def read_many(
         self, items: Sequence[tuple[Slot, BlockEntry, memoryview]]
-    ) -> list[ChecksumMismatch | TierIOError | None]:
+    ) -> list[Exception | None]:
         """Read many blocks in parallel on the I/O threads.
 
         Returns:
@@ -491,7 +458,7 @@ class NvmeTier(Tier):
         with self._lock:
             self.counters["read_many_calls"] += 1
         futs = [self._rpool.submit(self.read_into, h, e, d) for h, e, d in items]
-        out: list[ChecksumMismatch | TierIOError | None] = []
+        out: list[Exception | None] = []
         for f in futs:
             exc = f.exception()
             if exc is not None and not isinstance(exc, ChecksumMismatch | TierIOError):

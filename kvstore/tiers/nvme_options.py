@@ -1,8 +1,12 @@
-"""Options of the NVMe tier (the ``options`` table of a ``kind = "nvme"`` tier)."""
+"""Options of the NVMe tier (the ``options`` table of a ``kind = "nvme"`` tier) and the
+checks of its directory at start."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from kvstore.config import ConfigError, parse_size
@@ -99,3 +103,41 @@ class NvmeOptions:
             raise ConfigError(f"{where}.options.staging_bytes: must be >= 4 KiB")
         if self.index_map_bytes < (1 << 20):
             raise ConfigError(f"{where}.options.index_map_bytes: must be >= 1 MiB")
+
+
+def open_dir(path: Path, create: bool) -> Path:
+    """The tier directory, created if allowed; a clear error naming the path if unusable."""
+    if not path.exists():
+        if not create:
+            raise NvmeDirError(f"nvme tier directory {path} does not exist (create_dir = false)")
+        try:
+            path.mkdir(parents=True)
+        except OSError as exc:
+            raise NvmeDirError(f"cannot create nvme tier directory {path}: {exc}") from exc
+    if not path.is_dir():
+        raise NvmeDirError(f"nvme tier path {path} exists but is not a directory")
+    probe = path / ".write-probe"
+    try:
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as exc:
+        raise NvmeDirError(f"nvme tier directory {path} is not writable: {exc}") from exc
+    return path
+
+
+def take_dir_lock(path: Path) -> int:
+    """An exclusive ``flock`` on ``path/LOCK`` (released when the fd closes or the process dies).
+
+    Raises:
+        NvmeDirError: another process holds it.
+    """
+    lock_path = path / "LOCK"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise NvmeDirError(
+            f"nvme tier directory {path} is in use by another process ({lock_path} is locked)"
+        ) from None
+    return fd

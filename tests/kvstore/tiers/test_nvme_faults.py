@@ -229,10 +229,13 @@ def test_injected_disk_full_degrades_the_tier(tmp_path: Path, caplog: Any) -> No
         assert h.counters.demotions == demotions
         assert nv.reserve(nb, entry(key_of(100), nb)) is None
         # Blocks written before the failure still read back.
-        st2, _ = h.acquire(on_disk[:1])
+        st2, got = h.acquire(on_disk[:1])
         assert st2 == [Status.OK]
+        assert got[0] is not None
+        assert bytes(h.levels[0].tier.view(got[0].locs[0])) == data_for(on_disk[0], nb)
+        h.release([got[0]])
         # The block whose write failed is a miss, not an error forever.
-        st3, _ = h.acquire(lost)
+        st3, _ = h.acquire(lost)  # nothing pinned: no entry comes back
         assert st3 == [Status.NOT_FOUND] * len(lost) and h.get(lost[0]) is None
         assert h.counters.io_errors == len(lost)
     finally:
