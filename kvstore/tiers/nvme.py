@@ -267,7 +267,16 @@ class NvmeTier(Tier):
             self.staging.release(buf)
             self._degrade(f"cannot create a segment in {self.segs.dir}: {exc}")
             raise TierIOError(f"nvme tier {self.name!r}: {exc}") from exc
-        self._wpool.submit(self._do_write, s)
+        self._wpool.submit(self._do_write, s).add_done_callback(
+            lambda f: self._write_crashed(s, f.exception())
+        )
+
+    def _write_crashed(self, s: Slot, exc: BaseException | None) -> None:
+        """A bug in the write path must fail the slot, not leave flush() waiting."""
+        if exc is not None:
+            log.error("nvme tier %r: write of %r crashed", self.name, s, exc_info=exc)
+            if s.pending:
+                self._fail_slots([s], f"write crashed: {exc!r}")
 
     def _do_write(self, s: Slot) -> None:
         buf = s.staging
@@ -334,7 +343,16 @@ class NvmeTier(Tier):
                 except queue.Empty:
                     break
             stop = None in items
-            self._commit_batch([x for x in items if x is not None])
+            batch = [x for x in items if x is not None]
+            try:
+                self._commit_batch(batch)
+            except Exception as exc:  # noqa: BLE001 - a dead committer would hang every flush
+                log.exception("nvme tier %r: commit failed", self.name)
+                slots = [x for x in batch if isinstance(x, Slot) and x.pending]
+                self._fail_slots(slots, f"commit failed: {exc!r}")
+                for x in batch:
+                    if isinstance(x, threading.Event):
+                        x.set()
             if stop:
                 return
 

@@ -305,3 +305,20 @@ def test_real_disk_full_on_tiny_tmpfs(tiny_tmpfs: Path) -> None:
             assert read(t, h, e) == data
     finally:
         t.close()
+
+
+def test_a_bug_in_the_write_path_fails_the_block_not_flush(tmp_path: Path) -> None:
+    t = open_tier(tmp_path / "t")
+    try:
+
+        def boom(*a: Any) -> None:
+            raise RuntimeError("bug")
+
+        t.io.pwrite = boom  # type: ignore[method-assign]
+        h, e, _ = put(t, key_of(1), 64 * KB)
+        t.flush()  # returns: the crashed write is failed, not pending forever
+        assert h.state == SlotState.FAILED and t.degraded and "bug" in t.degraded
+        with pytest.raises(TierIOError):
+            read(t, h, e)
+    finally:
+        t.close()
