@@ -73,8 +73,8 @@ def test_round_trip_aligned_and_unaligned(tmp_path: Path, o_direct: Any) -> None
 
 def test_read_of_in_flight_write_returns_its_bytes(tmp_path: Path) -> None:
     t = open_tier(tmp_path / "t")
-    gate = Gate(t.io.pwrite)
-    t.io.pwrite = gate  # type: ignore[method-assign]
+    gate = Gate(t.io.pwritev)
+    t.io.pwritev = gate  # type: ignore[method-assign]
     try:
         h, e, data = put(t, key_of(1), 64 * KB)
         assert gate.entered.acquire(timeout=5)
@@ -92,8 +92,8 @@ def test_read_of_in_flight_write_returns_its_bytes(tmp_path: Path) -> None:
 
 def test_backpressure_bounds_staging(tmp_path: Path) -> None:
     t = open_tier(tmp_path / "t", staging_bytes=128 * KB)
-    gate = Gate(t.io.pwrite)
-    t.io.pwrite = gate  # type: ignore[method-assign]
+    gate = Gate(t.io.pwritev)
+    t.io.pwritev = gate  # type: ignore[method-assign]
     try:
         first = [put(t, key_of(i), 64 * KB) for i in range(2)]  # fills the staging pool
         done = threading.Event()
@@ -165,8 +165,8 @@ def test_reopen_recovers_every_committed_block(tmp_path: Path) -> None:
 
 def test_free_of_in_flight_write_is_not_recovered(tmp_path: Path) -> None:
     t = open_tier(tmp_path / "t")
-    gate = Gate(t.io.pwrite)
-    t.io.pwrite = gate  # type: ignore[method-assign]
+    gate = Gate(t.io.pwritev)
+    t.io.pwritev = gate  # type: ignore[method-assign]
     h, e, _ = put(t, key_of(1), 64 * KB)
     keep = put(t, key_of(2), 64 * KB)
     t.free(h)

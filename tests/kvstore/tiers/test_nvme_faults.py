@@ -211,7 +211,7 @@ def test_injected_disk_full_degrades_the_tier(tmp_path: Path, caplog: Any) -> No
         nv.flush()
         on_disk = [k for k in keys[:4] if h.get(k).top == 1]  # type: ignore[union-attr]
         assert on_disk
-        nv.io.pwrite = _enospc  # type: ignore[method-assign]
+        nv.io.pwritev = _enospc  # type: ignore[method-assign]
         with caplog.at_level(logging.WARNING, logger="kvstore.tiers.nvme"):
             _store(h, [keys[4]], nb)  # demotes one more block: its write fails
             nv.flush()
@@ -314,7 +314,7 @@ def test_a_bug_in_the_write_path_fails_the_block_not_flush(tmp_path: Path) -> No
         def boom(*a: Any) -> None:
             raise RuntimeError("bug")
 
-        t.io.pwrite = boom  # type: ignore[method-assign]
+        t.io.pwritev = boom  # type: ignore[method-assign]
         h, e, _ = put(t, key_of(1), 64 * KB)
         t.flush()  # returns: the crashed write is failed, not pending forever
         assert h.state == SlotState.FAILED and t.degraded and "bug" in t.degraded
