@@ -4,8 +4,8 @@ Demote (``write`` of 2 MiB blocks, ``flush`` at the end so every byte is durable
 and indexed) and promote (``read_many`` of those blocks into page-aligned buffers, 32
 per call, every block checksum-verified) through :class:`kvstore.tiers.nvme.NvmeTier`,
 against the limit: sequential ``O_DIRECT`` writes (``fdatasync`` at the end) and reads of a
-file in 4 MiB requests, with 1, ``io_threads`` and ``read_threads`` streams; the best
-of them is the limit.  They run interleaved, 32 MiB at a time in rotating
+file with 1 stream (16 MiB requests), ``io_threads`` and ``read_threads`` streams
+(4-8 MiB requests); the best of them is the limit.  They run interleaved, 32 MiB at a time in rotating
 order, so the noise of a shared disk falls on all of them alike.  The page cache is
 dropped before the reads (``/proc/sys/vm/drop_caches`` as root, and
 ``posix_fadvise(DONTNEED)`` on every file).
@@ -32,7 +32,8 @@ from kvstore.entry import BlockEntry
 from kvstore.tiers.nvme import NvmeOptions, NvmeTier
 
 BLOCK = 2 << 20
-RAW_REQ = 4 << 20
+RAW_REQ = 4 << 20  # smallest raw request; one stream uses up to MAX_RAW_REQ
+MAX_RAW_REQ = 16 << 20
 GB = 1e9
 
 
@@ -62,23 +63,25 @@ def drop_caches(files: list[Path], global_drop: bool = True) -> str:
 
 
 class RawFile:
-    """One file written and read with ``O_DIRECT`` in ``RAW_REQ`` requests, in ``threads`` streams."""
+    """One file written and read with ``O_DIRECT`` by ``threads`` sequential streams, each
+    in requests of ``req`` bytes."""
 
-    def __init__(self, path: Path, threads: int) -> None:
+    def __init__(self, path: Path, threads: int, req: int) -> None:
         self.threads = threads
+        self.req = req
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
-        self.bufs = [_aligned(RAW_REQ) for _ in range(threads)]
+        self.bufs = [_aligned(req) for _ in range(threads)]
         for b in self.bufs:
-            b.write(os.urandom(RAW_REQ))
+            b.write(os.urandom(req))
         self.pool = ThreadPoolExecutor(threads)
 
     def _run(self, off: int, n: int, io: Any) -> None:
-        per = n // self.threads // RAW_REQ * RAW_REQ
+        per = n // self.threads // self.req * self.req
         assert per * self.threads == n, "chunk must split into whole requests per stream"
 
         def stream(i: int) -> None:
             start = off + i * per
-            for o in range(start, start + per, RAW_REQ):
+            for o in range(start, start + per, self.req):
                 io(self.fd, [self.bufs[i]], o)
 
         list(self.pool.map(stream, range(self.threads)))
@@ -168,7 +171,8 @@ def one_round(
     shared disk falls on all of them alike.
     """
     runs: dict[str, RawFile | TierRun] = {
-        f"raw{n}": RawFile(base / f"raw{n}.dat", n) for n in sorted({1, *streams})
+        f"raw{n}": RawFile(base / f"raw{n}.dat", n, min(MAX_RAW_REQ, chunk // n))
+        for n in sorted({1, *streams})
     }
     runs["tier"] = tier = TierRun(base / "tier", total, opts, batch=32)
     names = list(runs)
