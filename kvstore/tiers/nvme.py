@@ -42,10 +42,10 @@ from kvstore.config import ConfigError, TierConfig
 from kvstore.tiers.base import TIERS, ChecksumMismatch, RecoveredBlock, Tier, TierIOError
 from kvstore.tiers.nvme_compact import CompactionMixin
 from kvstore.tiers.nvme_index import DeleteIf, Index, NvmeIndexError, Op, Put, Record
-from kvstore.tiers.nvme_io import ALIGN, IOBackend, StagingPool, align_up, make_backend
+from kvstore.tiers.nvme_io import ALIGN, IOBackend, StagingPool, align_up, is_aligned, make_backend
 from kvstore.tiers.nvme_io import probe_o_direct as _probe_o_direct
 from kvstore.tiers.nvme_options import NvmeDirError, NvmeOptions, open_dir, take_dir_lock
-from kvstore.tiers.nvme_segments import SegmentSet, Slot, SlotState
+from kvstore.tiers.nvme_segments import Segment, SegmentSet, Slot, SlotState
 
 if TYPE_CHECKING:
     from kvstore.entry import BlockEntry
@@ -107,7 +107,7 @@ class NvmeTier(CompactionMixin, Tier):
         self._pending = 0  # writes issued, not yet durable (or failed)
         self.counters: dict[str, int] = dict.fromkeys(
             (
-                "writes write_bytes write_requests reads read_bytes reads_from_staging read_many_calls "
+                "writes write_bytes write_requests reads read_bytes read_requests reads_from_staging read_many_calls "
                 "checksum_failures io_errors fsyncs index_txns compactions compacted_bytes "
                 "segments_deleted recovered_blocks recovered_dropped orphan_bytes_reclaimed"
             ).split(),
@@ -491,6 +491,8 @@ class NvmeTier(CompactionMixin, Tier):
             seg.readers += 1
         try:
             self.io.read_extent(seg.f, off, s.length, dst)
+            with self._lock:
+                self.counters["read_requests"] += 1
         except OSError as exc:
             with self._lock:
                 self.counters["io_errors"] += 1
@@ -499,6 +501,14 @@ class NvmeTier(CompactionMixin, Tier):
             with self._lock:
                 seg.readers -= 1
                 self.segs.maybe_close(seg)
+        bad = self._verify(s, entry, dst, seg, off)
+        if bad is not None:
+            raise bad
+
+    def _verify(
+        self, s: Slot, entry: BlockEntry, dst: memoryview, seg: Segment, off: int
+    ) -> ChecksumMismatch | None:
+        """Checks the bytes read into ``dst``; counts the read (and the failure)."""
         csum = xxhash.xxh3_64_intdigest(dst)
         ok = csum == s.checksum and (not entry.checksum or entry.checksum == s.checksum)
         with self._lock:
@@ -506,22 +516,69 @@ class NvmeTier(CompactionMixin, Tier):
             self.counters["read_bytes"] += s.nbytes
             if not ok:
                 self.counters["checksum_failures"] += 1
-        if not ok:
-            log.warning(
-                "nvme tier %r: checksum mismatch for block %s in %s@%d",
-                self.name,
-                s.key.hex()[:16],
-                seg.path,
-                off,
-            )
-            raise ChecksumMismatch(
-                f"nvme tier {self.name!r}: block {s.key.hex()[:16]} failed its checksum"
-            )
+        if ok:
+            return None
+        log.warning(
+            "nvme tier %r: checksum mismatch for block %s in %s@%d",
+            self.name,
+            s.key.hex()[:16],
+            seg.path,
+            off,
+        )
+        return ChecksumMismatch(
+            f"nvme tier {self.name!r}: block {s.key.hex()[:16]} failed its checksum"
+        )
+
+    def _try_read(self, s: Slot, entry: BlockEntry, dst: memoryview) -> Exception | None:
+        try:
+            self.read_into(s, entry, dst)
+        except (ChecksumMismatch, TierIOError) as exc:
+            return exc
+        return None
+
+    def _read_run(self, run: list[tuple[Slot, BlockEntry, memoryview]]) -> list[Exception | None]:
+        """Blocks that lie back to back on disk, read by one ``preadv`` into their buffers."""
+        first = run[0][0]
+        with self._lock:
+            seg, off = first.seg, first.off
+            pos, ok = off, seg is not None
+            for s, _, _ in run:  # compaction may have moved some since they were grouped
+                if s.state not in (SlotState.WRITTEN, SlotState.DURABLE) or s.seg is not seg:
+                    ok = False
+                    break
+                ok = ok and s.off == pos
+                pos += s.length
+            if ok and seg is not None:
+                seg.readers += 1
+        if not ok or seg is None:
+            return [self._try_read(*it) for it in run]
+        try:
+            self.io.preadv(seg.f, [d for _, _, d in run], off)
+        except OSError as exc:
+            with self._lock:
+                self.counters["io_errors"] += len(run)
+            msg = f"nvme tier {self.name!r}: read of {seg.path}@{off}: {exc}"
+            return [TierIOError(msg) for _ in run]
+        finally:
+            with self._lock:
+                seg.readers -= 1
+                self.segs.maybe_close(seg)
+                self.counters["read_requests"] += 1
+        out: list[Exception | None] = []
+        pos = off
+        for s, e, d in run:
+            out.append(self._verify(s, e, d, seg, pos))
+            pos += s.length
+        return out
 
     def read_many(
         self, items: Sequence[tuple[Slot, BlockEntry, memoryview]]
     ) -> list[Exception | None]:
-        """Read many blocks in parallel on the I/O threads.
+        """Read many blocks in parallel on the read threads.
+
+        Blocks that lie back to back on disk and whose buffers are page-aligned and a
+        whole number of pages long are read with one ``preadv`` per run, the runs
+        sized so that every read thread gets work.
 
         Returns:
             One result per item: ``None`` (read and verified), or the
@@ -529,13 +586,40 @@ class NvmeTier(CompactionMixin, Tier):
         """
         with self._lock:
             self.counters["read_many_calls"] += 1
-        futs = [self._rpool.submit(self.read_into, h, e, d) for h, e, d in items]
-        out: list[Exception | None] = []
-        for f in futs:
-            exc = f.exception()
-            if exc is not None and not isinstance(exc, ChecksumMismatch | TierIOError):
-                raise exc
-            out.append(exc)
+        direct: list[int] = []
+        jobs: list[list[int]] = []
+        for i, (s, _, d) in enumerate(items):
+            if s.seg is not None and len(d) == s.length and is_aligned(d):
+                direct.append(i)
+            else:
+                jobs.append([i])
+        direct.sort(key=lambda i: (items[i][0].seg.id, items[i][0].off))  # type: ignore[union-attr]
+        total = sum(items[i][0].length for i in direct)
+        cap = min(self.opts.max_write_bytes, max(ALIGN, -(-total // self.opts.read_threads)))
+        run: list[int] = []
+        size = 0
+        for i in direct:
+            s = items[i][0]
+            if run:
+                last = items[run[-1]][0]
+                if s.seg is last.seg and s.off == last.off + last.length and size + s.length <= cap:
+                    run.append(i)
+                    size += s.length
+                    continue
+                jobs.append(run)
+            run, size = [i], s.length
+        if run:
+            jobs.append(run)
+        futs = [
+            self._rpool.submit(self._read_run, [items[i] for i in job])
+            if len(job) > 1
+            else self._rpool.submit(lambda it: [self._try_read(*it)], items[job[0]])
+            for job in jobs
+        ]
+        out: list[Exception | None] = [None] * len(items)
+        for job, f in zip(jobs, futs, strict=True):
+            for i, r in zip(job, f.result(), strict=True):
+                out[i] = r
         return out
 
     # ------------------------------------------------------------------ lifecycle

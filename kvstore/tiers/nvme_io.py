@@ -209,6 +209,12 @@ class IOBackend:
         """Fill all of ``buf`` (aligned, length a multiple of 4 KiB) from ``offset``."""
         raise NotImplementedError
 
+    def preadv(self, f: Any, bufs: list[memoryview], offset: int) -> None:
+        """Fill ``bufs`` back to back from ``offset`` (one request where the backend can)."""
+        for b in bufs:
+            self.pread(f, b, offset)
+            offset += len(b)
+
     def sync(self, f: Any) -> None:
         """Make the file's data durable (``fdatasync``)."""
         raise NotImplementedError
@@ -267,6 +273,21 @@ class PosixBackend(IOBackend):
                 done -= n
             else:
                 self.pwrite(f, b[done:], pos + done)
+                done = 0
+            pos += n
+
+    def preadv(self, f: int, bufs: list[memoryview], offset: int) -> None:
+        total = sum(len(b) for b in bufs)
+        done = os.preadv(f, bufs, offset)
+        if done >= total:
+            return
+        pos = offset  # a short vectored read (rare): finish buffer by buffer
+        for b in bufs:
+            n = len(b)
+            if done >= n:
+                done -= n
+            else:
+                self.pread(f, b[done:], pos + done)
                 done = 0
             pos += n
 
