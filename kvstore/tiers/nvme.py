@@ -577,8 +577,8 @@ class NvmeTier(CompactionMixin, Tier):
         """Read many blocks in parallel on the read threads.
 
         Blocks that lie back to back on disk and whose buffers are page-aligned and a
-        whole number of pages long are read with one ``preadv`` per run, the runs
-        sized so that every read thread gets work.
+        whole number of pages long are read with one ``preadv`` per run of up to
+        ``read_run_bytes``.
 
         Returns:
             One result per item: ``None`` (read and verified), or the
@@ -594,8 +594,7 @@ class NvmeTier(CompactionMixin, Tier):
             else:
                 jobs.append([i])
         direct.sort(key=lambda i: (items[i][0].seg.id, items[i][0].off))  # type: ignore[union-attr]
-        total = sum(items[i][0].length for i in direct)
-        cap = min(self.opts.max_write_bytes, max(ALIGN, -(-total // self.opts.read_threads)))
+        cap = self.opts.read_run_bytes
         run: list[int] = []
         size = 0
         for i in direct:

@@ -34,6 +34,8 @@ class NvmeOptions:
             compacted (its live blocks copied forward, the file deleted).
         max_write_bytes: queued extents that lie back to back are written in one
             request of up to this size.
+        read_run_bytes: ``read_many`` reads blocks that lie back to back in requests of
+            up to this size (a few large requests beat many 2 MiB ones on virtio disks).
         commit_interval_ms: a group commit (``fdatasync`` + index transaction) waits up
             to this long for more finished writes; ``flush`` cuts the wait short.
         background_compaction: compact on a background thread (else only on
@@ -50,6 +52,7 @@ class NvmeOptions:
     io_backend: str = "auto"
     compact_min_dead_ratio: float = 0.5
     max_write_bytes: int = 16 << 20
+    read_run_bytes: int = 8 << 20
     commit_interval_ms: float = 20.0
     background_compaction: bool = True
     create_dir: bool = True
@@ -76,7 +79,13 @@ class NvmeOptions:
             if k == "path":
                 continue
             f = f"{where}.options.{k}"
-            if k in ("segment_bytes", "staging_bytes", "index_map_bytes", "max_write_bytes"):
+            if k in (
+                "segment_bytes",
+                "staging_bytes",
+                "index_map_bytes",
+                "max_write_bytes",
+                "read_run_bytes",
+            ):
                 setattr(o, k, parse_size(v, f))
             elif k in ("io_threads", "read_threads"):
                 if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 64:
@@ -112,8 +121,9 @@ class NvmeOptions:
                 f"{where}.options.segment_bytes: must be >= 1 MiB and a multiple of 4 KiB, "
                 f"got {self.segment_bytes}"
             )
-        if self.max_write_bytes < ALIGN:
-            raise ConfigError(f"{where}.options.max_write_bytes: must be >= 4 KiB")
+        for k in ("max_write_bytes", "read_run_bytes"):
+            if getattr(self, k) < ALIGN:
+                raise ConfigError(f"{where}.options.{k}: must be >= 4 KiB")
         if self.staging_bytes < ALIGN:
             raise ConfigError(f"{where}.options.staging_bytes: must be >= 4 KiB")
         if self.index_map_bytes < (1 << 20):
