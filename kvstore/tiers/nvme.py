@@ -42,9 +42,10 @@ from kvstore.config import ConfigError, TierConfig
 from kvstore.tiers.base import TIERS, ChecksumMismatch, RecoveredBlock, Tier, TierIOError
 from kvstore.tiers.nvme_compact import CompactionMixin
 from kvstore.tiers.nvme_index import DeleteIf, Index, NvmeIndexError, Op, Put, Record
-from kvstore.tiers.nvme_io import ALIGN, IOBackend, StagingPool, align_up, is_aligned, make_backend
+from kvstore.tiers.nvme_io import ALIGN, IOBackend, StagingPool, align_up, make_backend
 from kvstore.tiers.nvme_io import probe_o_direct as _probe_o_direct
 from kvstore.tiers.nvme_options import NvmeDirError, NvmeOptions, open_dir, take_dir_lock
+from kvstore.tiers.nvme_read import BatchReadMixin
 from kvstore.tiers.nvme_segments import Segment, SegmentSet, Slot, SlotState
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ __all__ = ["NvmeDirError", "NvmeOptions", "NvmeTier", "Slot"]
 
 
 @TIERS.register("nvme")
-class NvmeTier(CompactionMixin, Tier):
+class NvmeTier(BatchReadMixin, CompactionMixin, Tier):
     """Blocks in segment files on a local disk, indexed in LMDB; survives restarts.
 
     Args:
@@ -113,7 +114,13 @@ class NvmeTier(CompactionMixin, Tier):
             ).split(),
             0,
         )
-        self._recovered = self._load()
+        try:
+            self._recovered = self._load()
+        except OSError as exc:
+            self.segs.close()
+            self.index.close()
+            os.close(self._lock_fd)
+            raise NvmeDirError(f"cannot load the nvme tier at {self.path}: {exc}") from exc
         self.staging = StagingPool(o.staging_bytes)
         self._wq: collections.deque[Slot] = collections.deque()
         self._wq_cv = threading.Condition()
@@ -528,98 +535,6 @@ class NvmeTier(CompactionMixin, Tier):
         return ChecksumMismatch(
             f"nvme tier {self.name!r}: block {s.key.hex()[:16]} failed its checksum"
         )
-
-    def _try_read(self, s: Slot, entry: BlockEntry, dst: memoryview) -> Exception | None:
-        try:
-            self.read_into(s, entry, dst)
-        except (ChecksumMismatch, TierIOError) as exc:
-            return exc
-        return None
-
-    def _read_run(self, run: list[tuple[Slot, BlockEntry, memoryview]]) -> list[Exception | None]:
-        """Blocks that lie back to back on disk, read by one ``preadv`` into their buffers."""
-        first = run[0][0]
-        with self._lock:
-            seg, off = first.seg, first.off
-            pos, ok = off, seg is not None
-            for s, _, _ in run:  # compaction may have moved some since they were grouped
-                if s.state not in (SlotState.WRITTEN, SlotState.DURABLE) or s.seg is not seg:
-                    ok = False
-                    break
-                ok = ok and s.off == pos
-                pos += s.length
-            if ok and seg is not None:
-                seg.readers += 1
-        if not ok or seg is None:
-            return [self._try_read(*it) for it in run]
-        try:
-            self.io.preadv(seg.f, [d for _, _, d in run], off)
-        except OSError as exc:
-            with self._lock:
-                self.counters["io_errors"] += len(run)
-            msg = f"nvme tier {self.name!r}: read of {seg.path}@{off}: {exc}"
-            return [TierIOError(msg) for _ in run]
-        finally:
-            with self._lock:
-                seg.readers -= 1
-                self.segs.maybe_close(seg)
-                self.counters["read_requests"] += 1
-        out: list[Exception | None] = []
-        pos = off
-        for s, e, d in run:
-            out.append(self._verify(s, e, d, seg, pos))
-            pos += s.length
-        return out
-
-    def read_many(
-        self, items: Sequence[tuple[Slot, BlockEntry, memoryview]]
-    ) -> list[Exception | None]:
-        """Read many blocks in parallel on the read threads.
-
-        Blocks that lie back to back on disk and whose buffers are page-aligned and a
-        whole number of pages long are read with one ``preadv`` per run of up to
-        ``read_run_bytes``.
-
-        Returns:
-            One result per item: ``None`` (read and verified), or the
-            :class:`ChecksumMismatch` / :class:`TierIOError` that item raised.
-        """
-        with self._lock:
-            self.counters["read_many_calls"] += 1
-        direct: list[int] = []
-        jobs: list[list[int]] = []
-        for i, (s, _, d) in enumerate(items):
-            if s.seg is not None and len(d) == s.length and is_aligned(d):
-                direct.append(i)
-            else:
-                jobs.append([i])
-        direct.sort(key=lambda i: (items[i][0].seg.id, items[i][0].off))  # type: ignore[union-attr]
-        cap = self.opts.read_run_bytes
-        run: list[int] = []
-        size = 0
-        for i in direct:
-            s = items[i][0]
-            if run:
-                last = items[run[-1]][0]
-                if s.seg is last.seg and s.off == last.off + last.length and size + s.length <= cap:
-                    run.append(i)
-                    size += s.length
-                    continue
-                jobs.append(run)
-            run, size = [i], s.length
-        if run:
-            jobs.append(run)
-        futs = [
-            self._rpool.submit(self._read_run, [items[i] for i in job])
-            if len(job) > 1
-            else self._rpool.submit(lambda it: [self._try_read(*it)], items[job[0]])
-            for job in jobs
-        ]
-        out: list[Exception | None] = [None] * len(items)
-        for job, f in zip(jobs, futs, strict=True):
-            for i, r in zip(job, f.result(), strict=True):
-                out[i] = r
-        return out
 
     # ------------------------------------------------------------------ lifecycle
     def stats(self) -> dict[str, Any]:
