@@ -174,6 +174,10 @@ def format_stats(st: dict[str, Any]) -> str:
             f"{c['hits_by_tier'][i]:>6} {c['evictions_by_tier'][i]:>10}  {t['policy']}"
             + (f"  DEGRADED: {t['degraded']}" if t.get("degraded") else "")
         )
+        if "io_backend" in t:
+            lines.append(
+                f"{'':<11} io backend {t['io_backend']}, O_DIRECT {t['o_direct']}, path {t['path']}"
+            )
     lines.append(
         f"promotions {c['promotions']}  demotions {c['demotions']}  dropped {c['dropped']}  "
         f"checksum failures {c['checksum_failures']}  io errors {c['io_errors']}"
@@ -181,7 +185,12 @@ def format_stats(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_BENCHES = {"kv-throughput": "bench.kv_throughput"}
+_BENCHES = {
+    "kv-throughput": "bench.kv_throughput",
+    "trace-replay": "bench.trace_replay",
+    "nvme": "bench.nvme_tier",
+    "gpu": "bench.gpu_bench",
+}
 
 
 def _bench_parser(sub: Any) -> None:
@@ -193,7 +202,8 @@ def _bench_parser(sub: Any) -> None:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     mod = importlib.import_module(_BENCHES[args.name])
-    return int(mod.main(args.args) or 0)
+    rc = mod.main(args.args)
+    return rc if isinstance(rc, int) else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

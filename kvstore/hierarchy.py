@@ -100,6 +100,13 @@ class Hierarchy:
         self.index: dict[bytes, BlockEntry] = {}
         self.clock = 0
         self.counters = Counters(hits_by_tier=[0] * self.n, evictions_by_tier=[0] * self.n)
+        # Only admissions that override the hook see references (saves a call per
+        # block per level on the lookup/allocate hot path).
+        self._ref_hooks = [
+            lv.admission.on_reference
+            for lv in self.levels
+            if type(lv.admission).on_reference is not AdmissionPolicy.on_reference
+        ]
 
     # ------------------------------------------------------------------ queries
     def get(self, key: bytes) -> BlockEntry | None:
@@ -118,10 +125,12 @@ class Hierarchy:
                 break
             out.append(e)
         c.lookup_hit_blocks += len(out)
+        hbt = c.hits_by_tier
         for e in out:
-            c.hits_by_tier[e.top] += 1
-            for lv in self.levels:
-                lv.admission.on_reference(e)
+            hbt[e.top] += 1
+        for hook in self._ref_hooks:
+            for e in out:
+                hook(e)
         return out
 
     # ------------------------------------------------------------------ writes
@@ -149,10 +158,13 @@ class Hierarchy:
         entries: list[BlockEntry | None] = []
         created: list[BlockEntry] = []
         w = self.write_level
-        parent = self.index.get(parent_key) if parent_key else None
+        index = self.index
+        n = self.n
+        make_room = self._make_room
+        parent = index.get(parent_key) if parent_key else None
         depth = parent.depth + 1 if parent is not None else first_depth
         for k in keys:
-            e = self.index.get(k)
+            e = index.get(k)
             if e is not None:
                 statuses.append(Status.PRESENT if e.state == READY else Status.IN_PROGRESS)
                 entries.append(e)
@@ -166,14 +178,18 @@ class Hierarchy:
                 nbytes=nbytes,
                 parent=parent,
                 depth=depth,
-                locs=[None] * self.n,
-                kid_tops=[0] * self.n,
+                locs=[None] * n,
+                kid_tops=[0] * n,
                 owner=owner,
             )
             # Link first so the parent is protected while we make room for the child.
-            self.index[k] = e
-            self._link(e)
-            h = self._make_room(w, nbytes, e)
+            index[k] = e
+            if parent is not None:
+                if parent.children is None:
+                    parent.children = {e}
+                else:
+                    parent.children.add(e)
+            h = make_room(w, nbytes, e)
             if h is None:
                 self._forget(e)
                 for c in reversed(created):
@@ -185,22 +201,26 @@ class Hierarchy:
                 return [Status.NO_SPACE if s == Status.NEW else s for s in statuses], [
                     None if s == Status.NEW else x for s, x in zip(statuses, entries, strict=True)
                 ]
-            self._set_loc(e, w, h)
+            # _set_loc for a fresh entry (no copy anywhere yet), inlined.
+            e.locs[w] = h
+            e.top = w
+            if parent is not None:
+                parent.kid_tops[w] += 1
             created.append(e)
             statuses.append(Status.NEW)
             entries.append(e)
             parent, depth = e, depth + 1
-        for e in entries:
-            if e is not None:
-                for lv in self.levels:
-                    lv.admission.on_reference(e)
+        for hook in self._ref_hooks:
+            for e in entries:
+                if e is not None:
+                    hook(e)
         self.counters.allocations += len(created)
         return statuses, entries
 
     def commit(self, owner: int, keys: Sequence[bytes], checksums: Sequence[int]) -> list[Status]:
         """Make pending blocks of ``owner`` visible to readers."""
         out: list[Status] = []
-        w = self.write_level
+        done: list[BlockEntry] = []
         for i, k in enumerate(keys):
             e = self.index.get(k)
             if e is None:
@@ -213,11 +233,17 @@ class Hierarchy:
                 e.state = READY
                 e.owner = 0
                 e.checksum = int(checksums[i]) if i < len(checksums) else 0
-                self.clock += 1
-                e.last_access = self.clock
-                self.levels[w].policy.on_insert(e)
-                self.counters.commits += 1
+                done.append(e)
                 out.append(Status.OK)
+        # Tail first, like acquire/touch: a chain's head is inserted last, so recency
+        # orders meet leaves (the blocks that may go) before their parents.
+        self.clock += 1
+        now = self.clock
+        policy = self.levels[self.write_level].policy
+        for e in reversed(done):
+            e.last_access = now
+            policy.on_insert(e)
+        self.counters.commits += len(done)
         return out
 
     def abort(self, owner: int, keys: Iterable[bytes]) -> int:
@@ -282,10 +308,12 @@ class Hierarchy:
                 self.levels[t_to].tier.free(h)
                 self._note_io_error(err)
                 e.pins -= 1
+                # A copy that fails its checksum, or that the tier cannot read (its
+                # write failed, the disk errs), is no copy: drop it, report a miss.
+                self._remove_copy(e, src)
+                if e.top == -1:
+                    self._forget(e)
                 if isinstance(err, ChecksumMismatch):
-                    self._remove_copy(e, src)
-                    if e.top == -1:
-                        self._forget(e)
                     statuses[i] = Status.CHECKSUM_MISMATCH
                 else:
                     statuses[i] = Status.NOT_FOUND
@@ -378,21 +406,56 @@ class Hierarchy:
         skip: set[BlockEntry] = set()
 
         def ok(v: BlockEntry) -> bool:
-            return v not in skip and self.evictable(v, t)
+            # ``evictable`` inlined: this predicate runs once per scanned entry.
+            if v.state != READY or v.pins or v in skip:
+                return False
+            if v.top < t:
+                return True
+            kt = v.kid_tops
+            return not kt[0] if t == 0 else not any(kt[: t + 1])
 
+        victims_of = lv.policy.victims
+        reserve = lv.tier.reserve
         while h is None:
-            victims = lv.policy.victims(4, ok)
+            victims = victims_of(4, ok)
             if not victims:
                 return None
             for v in victims:
                 if not self._evict(v, t):
                     skip.add(v)
-            h = lv.tier.reserve(nbytes, e)
+            h = reserve(nbytes, e)
         return h
 
     def _evict(self, v: BlockEntry, t: int) -> bool:
         """Move ``v`` out of tier ``t`` (demote or drop).  False if it must stay."""
-        has_lower = any(v.locs[u] is not None for u in range(t + 1, self.n))
+        locs = v.locs
+        if t + 1 == self.n and v.top == t and not v.children and v.state == READY:
+            # Fast path for the common case (one-tier daemon, trace replay): a leaf
+            # whose only copy is in the last tier leaves the hierarchy.  Same effect
+            # as _remove_copy + _forget below, without their generality.
+            h = locs[t]
+            locs[t] = None
+            lv = self.levels[t]
+            lv.policy.on_remove(v)
+            lv.tier.free(h)
+            v.top = -1
+            p = v.parent
+            if p is not None:
+                p.kid_tops[t] -= 1
+                if p.children is not None:
+                    p.children.discard(v)
+                v.parent = None
+            if self.index.get(v.key) is v:
+                del self.index[v.key]
+            c = self.counters
+            c.evictions_by_tier[t] += 1
+            c.dropped += 1
+            return True
+        has_lower = False
+        for u in range(t + 1, self.n):
+            if locs[u] is not None:
+                has_lower = True
+                break
         if v.top == t and not has_lower:
             nxt = t + 1
             must_keep = bool(v.children)
@@ -550,6 +613,7 @@ class Hierarchy:
                 continue
             if self._copy_down(e, e.top, pt):
                 n += 1
+        self.levels[pt].tier.flush()  # durable before the daemon exits
         return n
 
     def resident_blocks(self, t: int) -> int:

@@ -57,7 +57,10 @@ class EvictionPolicy(ABC):
         Only entries for which ``evictable(entry)`` is true may be named (pinned
         blocks and parents of resident children are not).  Must not change which
         entries are resident; may update internal bookkeeping (e.g. CLOCK bits).
-        Returns fewer than ``n`` (possibly none) when no more are evictable.
+        May return fewer than ``n``: a victim's parent becomes evictable only once
+        the victim is gone, so filling a batch can mean scanning past whole chains;
+        the hierarchy simply asks again.  Returns none only when no resident entry
+        is evictable.
         """
 
     @abstractmethod

@@ -6,6 +6,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from kvstore.policies._util import scan
 from kvstore.policies.base import POLICIES, EvictionPolicy
 
 if TYPE_CHECKING:
@@ -37,11 +38,7 @@ class LRUPolicy(EvictionPolicy):
 
     def victims(self, n: int, evictable: Callable[[BlockEntry], bool]) -> list[BlockEntry]:
         out: list[BlockEntry] = []
-        for e in self._order:
-            if evictable(e):
-                out.append(e)
-                if len(out) >= n:
-                    break
+        scan(self._order, n, evictable, out)
         return out
 
     def __len__(self) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 # Modules that register a backend when imported; optional ones need extra packages.
-_BACKENDS = ("kvstore.tiers.dram",)
+_BACKENDS = ("kvstore.tiers.dram", "kvstore.tiers.nvme", "kvstore.tiers.gpu")
 
 
 def load_backends() -> None:

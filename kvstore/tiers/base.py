@@ -112,7 +112,7 @@ class Tier(ABC):
 
     def read_many(
         self, items: Sequence[tuple[Handle, BlockEntry, memoryview]]
-    ) -> list[Exception | None]:
+    ) -> Sequence[Exception | None]:
         """Reads many blocks; one result per item: ``None`` or the
         :class:`ChecksumMismatch` / :class:`TierIOError` it raised.  Disk tiers override
         this to keep many reads in flight."""

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvstore.config import ConfigError, TierConfig, parse_size
 from kvstore.tiers.base import TIERS, Handle, Tier
+from kvstore.tiers.gpu_util import pin_host_memory_if_gpu, unpin_host_memory
 
 if TYPE_CHECKING:
     from kvstore.entry import BlockEntry
@@ -202,6 +203,8 @@ class DramTier(Tier):
             raise ConfigError(f"tier {name!r}: capacity is smaller than one slab ({slab_bytes} B)")
         super().__init__(name, capacity_bytes)
         self.arena = SharedArena(capacity_bytes, prefault=prefault, numa_node=numa_node)
+        # With a GPU, page-lock the arena so copies to and from HBM run as DMA.
+        self._pinned = pin_host_memory_if_gpu(self.arena.view)
         self.alloc = SlabAllocator(capacity_bytes, slab_bytes)
         self.numa_node = numa_node
 
@@ -267,9 +270,13 @@ class DramTier(Tier):
             "slab_bytes": self.alloc.slab_bytes,
             "free_slabs": self.alloc.free_slabs(),
             "numa_node": -1 if self.numa_node is None else self.numa_node,
+            "pinned_for_gpu": self._pinned is not None,
         }
 
     def close(self) -> None:
+        if self._pinned is not None:
+            unpin_host_memory(self._pinned)
+            self._pinned = None
         self.arena.close()
 
 

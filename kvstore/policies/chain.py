@@ -1,0 +1,215 @@
+"""``chain``: our own policy, frequency-filtered, aware of the prefix tree, self-sizing.
+
+What a block's key chain tells, and how it is used here:
+
+* **How often its prefix was reused.**  A block is used whenever a request
+  extends it, so its reference count is the reuse count of its prefix.  The count
+  outlives residency: a bounded history (keys only, ``HISTORY_FACTOR`` times the
+  tier's size) remembers the count of blocks that left, so a block that comes back
+  is recognised instead of starting over.
+* **Distinct continuations.**  A block with two or more children is a branch
+  point (a shared system prompt or document): every continuation needs it, so it
+  is treated as reused even when its own count is still one.
+* **Depth / tail-first.**  The hierarchy touches and inserts chains tail first,
+  so in each LRU segment the deep end of a chain is met before its head; the
+  ``evictable`` predicate enforces the rest.  Depth is not used as a priority of
+  its own: on the Mooncake trace the chance that a block seen once is reused only
+  moves between 0.2 and 0.4 with depth, and depth classes measured worse.
+  Recompute cost (which grows with depth) is not weighed either: every block
+  counts the same in a prefix-hit rate.
+
+Structure: a *window* (LRU) for blocks referenced once and a *main* segment (LRU)
+for reused blocks, so one-off prompts pass through the window without washing out
+what is reused.  How to split the tier between the two is not a constant: it
+depends on how far apart reuses are compared with the tier's size.  The policy
+measures it.  For every reuse it records the reuse distance in the segment's own
+clock (insertions and touches since the block's last reference), both for hits
+and for blocks that come back after eviction (from the history), and in the
+global clock (what a plain LRU of the whole tier would have seen).  Those
+histograms are miss-ratio curves; every half-tier of references the window size
+is set to the split that would have hit most over recent (decayed) history, or
+the policy becomes plain LRU when that would have hit more.  With reuse distances
+beyond the tier the window shrinks to a filter; with reuses that an LRU of the
+whole tier catches, it turns into LRU.  Sizes are in blocks: when the size hint
+is off (blocks much larger or smaller than typical), the real size is learnt the
+first time the tier is full.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from kvstore.policies._util import observed_capacity, scan
+from kvstore.policies.base import POLICIES, EvictionPolicy
+
+if TYPE_CHECKING:
+    from kvstore.entry import BlockEntry
+
+HISTORY_FACTOR = 4
+"""The history remembers keys of this many tiers' worth of departed blocks."""
+SPLITS = 32
+"""Window sizes considered: multiples of 1/SPLITS of the tier."""
+DECAY = 0.5
+"""Weight kept by the distance histograms at each resize (recent reuse counts more)."""
+MIN_WINDOW_FRACTION = 1 / 64
+SCAN_LIMIT = 8
+SPLIT_MARGIN = 1.0
+"""Plain LRU is chosen when its estimated hits exceed this share of the best split's."""
+
+_WIN, _MAIN = 0, 1
+
+
+@POLICIES.register("chain")
+class ChainPolicy(EvictionPolicy):
+    """Window + main LRU segments over a reference-count history, split by measured
+    reuse distances."""
+
+    name = "chain"
+
+    def __init__(self, capacity_blocks: int) -> None:
+        super().__init__(capacity_blocks)
+        self._segs: tuple[OrderedDict[BlockEntry, None], OrderedDict[BlockEntry, None]] = (
+            OrderedDict(),
+            OrderedDict(),
+        )
+        # entry -> [segment, reference count, segment clock and global clock at last
+        # reference]
+        self._meta: dict[BlockEntry, list[int]] = {}
+        # key -> (reference count, segment, segment and global clocks at last reference)
+        self._history: OrderedDict[bytes, tuple[int, int, int, int]] = OrderedDict()
+        self._clock = [0, 0]
+        self._now = 0
+        self._refs = 0
+        self._rescale(self.capacity_blocks)
+
+    # ------------------------------------------------------------------ helpers
+    def _rescale(self, cap: int) -> None:
+        """Size the distance histograms, window and history for ``cap`` blocks."""
+        self.capacity_blocks = cap
+        self._width = max(1, cap // SPLITS)
+        nb = (HISTORY_FACTOR + 1) * SPLITS
+        # Reuse-distance histograms: window clock, main clock, global clock.
+        self._dist = ([0.0] * nb, [0.0] * nb, [0.0] * nb)
+        self._window = max(1, int(cap * MIN_WINDOW_FRACTION))
+        self._period = max(SPLITS, cap // 2)
+        self._hist_limit = HISTORY_FACTOR * cap
+        self._lru_mode = False
+
+    def _record(self, seg: int, last: int, glast: int) -> None:
+        """A reuse after ``clock - last`` ticks of segment ``seg`` (and ``now - glast``
+        references in all: the distance a plain LRU of the tier would have seen)."""
+        w = self._width
+        b = (self._clock[seg] - last) // w
+        d = self._dist[seg]
+        if b < len(d):
+            d[b] += 1.0
+        b = (self._now - glast) // w
+        d = self._dist[2]
+        if b < len(d):
+            d[b] += 1.0
+
+    def _place(self, entry: BlockEntry, m: list[int]) -> None:
+        # With the whole tier as window (reuses all within the tier's reach) the
+        # policy is plain LRU: nothing is promoted and main drains.
+        children = entry.children  # n_children without the property call (hot path)
+        if self._lru_mode or (m[1] <= 1 and (not children or len(children) < 2)):
+            s = _WIN
+        else:
+            s = _MAIN
+        m[0] = s
+        clock = self._clock
+        m[2] = clock[s]
+        clock[s] += 1
+        m[3] = self._now
+        self._now += 1
+        self._segs[s][entry] = None
+        self._refs += 1
+        if self._refs >= self._period:
+            self._refs = 0
+            self._resize()
+
+    def _resize(self) -> None:
+        """Window size := the split whose two LRU segments would have hit most."""
+        win, main, glob = self._dist
+        cum_w = [0.0]
+        for k in range(SPLITS):
+            cum_w.append(cum_w[-1] + win[k])
+        cum_m = [0.0]
+        for k in range(SPLITS):
+            cum_m.append(cum_m[-1] + main[k])
+        best_k, best = 0, -1.0
+        for k in range(SPLITS + 1):
+            # Ties go to the smaller window (the filter protects reused blocks).
+            g = cum_w[k] + cum_m[SPLITS - k]
+            if g > best + 1e-9:
+                best_k, best = k, g
+        if sum(glob[:SPLITS]) > SPLIT_MARGIN * best + 1e-9:
+            # A plain LRU of the whole tier would have hit at least as much.
+            best_k = SPLITS
+        floor = max(1, int(self.capacity_blocks * MIN_WINDOW_FRACTION))
+        self._window = (
+            self.capacity_blocks if best_k == SPLITS else max(floor, best_k * self._width)
+        )
+        self._lru_mode = self._window >= self.capacity_blocks
+        self._hist_limit = HISTORY_FACTOR * max(self.capacity_blocks, len(self._meta))
+        for d in self._dist:
+            for i in range(len(d)):
+                d[i] *= DECAY
+
+    # ------------------------------------------------------------------ protocol
+    def on_insert(self, entry: BlockEntry) -> None:
+        past = self._history.pop(entry.key, None)
+        m = [0, 1, 0, 0]
+        if past is not None:
+            m[1] = past[0] + 1
+            self._record(past[1], past[2], past[3])
+        self._meta[entry] = m
+        self._place(entry, m)
+
+    def on_access(self, entry: BlockEntry) -> None:
+        m = self._meta.get(entry)
+        if m is None:
+            return
+        self._record(m[0], m[2], m[3])
+        del self._segs[m[0]][entry]
+        m[1] += 1
+        self._place(entry, m)
+
+    def on_remove(self, entry: BlockEntry) -> None:
+        m = self._meta.pop(entry, None)
+        if m is None:
+            return
+        del self._segs[m[0]][entry]
+        hist = self._history
+        hist[entry.key] = (m[1], m[0], m[2], m[3])
+        if len(hist) > self._hist_limit:
+            hist.popitem(last=False)
+
+    def victims(self, n: int, evictable: Callable[[BlockEntry], bool]) -> list[BlockEntry]:
+        real = observed_capacity(len(self._meta), self.capacity_blocks)
+        if real is not None:
+            self._rescale(real)
+        win, main = self._segs
+        if self._lru_mode and main and win:
+            # LRU mode: the older of the two cold ends goes first.
+            older = self._meta[next(iter(main))][3] < self._meta[next(iter(win))][3]
+            first, second = (main, win) if older else (win, main)
+        elif len(win) > self._window or not main:
+            first, second = win, main
+        else:
+            first, second = main, win
+        out: list[BlockEntry] = []
+        # A bounded look first: the cold end of one segment is often a parent of
+        # blocks in the other (not evictable yet); evict there instead.
+        scan(first, n, evictable, out, SCAN_LIMIT)
+        if len(out) < n:
+            scan(second, n, evictable, out)
+        if len(out) < n:
+            named = set(out)  # the bounded look may already have named some
+            scan(first, n, lambda e: e not in named and evictable(e), out)
+        return out
+
+    def __len__(self) -> int:
+        return len(self._meta)
