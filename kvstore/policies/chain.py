@@ -206,10 +206,14 @@ class ChainPolicy(EvictionPolicy):
         # A bounded look first: the cold end of one segment is often a parent of
         # blocks in the other (not evictable yet); evict there instead.
         scan(first, n, evictable, out, SCAN_LIMIT)
+        named_first = bool(out)
         if len(out) < n:
             scan(second, n, evictable, out)
-        if len(out) < n:
-            named = set(out)  # the bounded look may already have named some
+        if len(out) < n and not named_first:
+            # The bounded look rotated SCAN_LIMIT entries without naming one: look
+            # further.  (When it named one, a second pass over ``first`` would meet
+            # the same entries in the same state and name nothing new: skipped.)
+            named = set(out)
             if out:  # scan() would only look ahead: skip its predicate wrapper
                 look_ahead(iter(first), n, evictable, out, named)
             else:
