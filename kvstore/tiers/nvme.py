@@ -25,11 +25,12 @@ under ``self._lock``.
 
 from __future__ import annotations
 
-import fcntl
+import collections
 import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,10 +40,12 @@ import xxhash
 
 from kvstore.config import ConfigError, TierConfig
 from kvstore.tiers.base import TIERS, ChecksumMismatch, RecoveredBlock, Tier, TierIOError
-from kvstore.tiers.nvme_index import DeleteIf, Index, MoveIf, NvmeIndexError, Op, Put, Record
+from kvstore.tiers.nvme_compact import CompactionMixin
+from kvstore.tiers.nvme_index import DeleteIf, Index, NvmeIndexError, Op, Put, Record
 from kvstore.tiers.nvme_io import ALIGN, IOBackend, StagingPool, align_up, make_backend
 from kvstore.tiers.nvme_io import probe_o_direct as _probe_o_direct
-from kvstore.tiers.nvme_options import NvmeDirError, NvmeOptions
+from kvstore.tiers.nvme_options import NvmeDirError, NvmeOptions, open_dir, take_dir_lock
+from kvstore.tiers.nvme_read import BatchReadMixin
 from kvstore.tiers.nvme_segments import Segment, SegmentSet, Slot, SlotState
 
 if TYPE_CHECKING:
@@ -53,28 +56,8 @@ log = logging.getLogger(__name__)
 __all__ = ["NvmeDirError", "NvmeOptions", "NvmeTier", "Slot"]
 
 
-def _open_dir(path: Path, create: bool) -> Path:
-    """The tier directory, created if allowed; a clear error naming the path if unusable."""
-    if not path.exists():
-        if not create:
-            raise NvmeDirError(f"nvme tier directory {path} does not exist (create_dir = false)")
-        try:
-            path.mkdir(parents=True)
-        except OSError as exc:
-            raise NvmeDirError(f"cannot create nvme tier directory {path}: {exc}") from exc
-    if not path.is_dir():
-        raise NvmeDirError(f"nvme tier path {path} exists but is not a directory")
-    probe = path / ".write-probe"
-    try:
-        probe.write_bytes(b"x")
-        probe.unlink()
-    except OSError as exc:
-        raise NvmeDirError(f"nvme tier directory {path} is not writable: {exc}") from exc
-    return path
-
-
 @TIERS.register("nvme")
-class NvmeTier(Tier):
+class NvmeTier(BatchReadMixin, CompactionMixin, Tier):
     """Blocks in segment files on a local disk, indexed in LMDB; survives restarts.
 
     Args:
@@ -97,8 +80,8 @@ class NvmeTier(Tier):
         super().__init__(name, capacity_bytes)
         self.opts = o = options or NvmeOptions()
         o.validate(f"tier {name!r}")
-        self.path = _open_dir(Path(path), o.create_dir)
-        self._lock_fd = self._take_dir_lock()
+        self.path = open_dir(Path(path), o.create_dir)
+        self._lock_fd = take_dir_lock(self.path)
         self._closed = False
         try:
             seg_dir = self.path / "segments"
@@ -125,16 +108,30 @@ class NvmeTier(Tier):
         self._pending = 0  # writes issued, not yet durable (or failed)
         self.counters: dict[str, int] = dict.fromkeys(
             (
-                "writes write_bytes reads read_bytes reads_from_staging read_many_calls "
+                "writes write_bytes write_requests reads read_bytes read_requests reads_from_staging read_many_calls "
                 "checksum_failures io_errors fsyncs index_txns compactions compacted_bytes "
                 "segments_deleted recovered_blocks recovered_dropped orphan_bytes_reclaimed"
             ).split(),
             0,
         )
-        self._recovered = self._load()
+        try:
+            self._recovered = self._load()
+        except OSError as exc:
+            self.segs.close()
+            self.index.close()
+            os.close(self._lock_fd)
+            raise NvmeDirError(f"cannot load the nvme tier at {self.path}: {exc}") from exc
         self.staging = StagingPool(o.staging_bytes)
-        self._wpool = ThreadPoolExecutor(o.io_threads, thread_name_prefix=f"{name}-w")
-        self._rpool = ThreadPoolExecutor(o.io_threads, thread_name_prefix=f"{name}-r")
+        self._wq: collections.deque[Slot] = collections.deque()
+        self._wq_cv = threading.Condition()
+        self._stop_writers = False
+        self._writers = [
+            threading.Thread(target=self._writer_loop, name=f"{name}-w{i}", daemon=True)
+            for i in range(o.io_threads)
+        ]
+        for th in self._writers:
+            th.start()
+        self._rpool = ThreadPoolExecutor(o.read_threads, thread_name_prefix=f"{name}-r")
         self._commit_q: queue.SimpleQueue[Slot | DeleteIf | threading.Event | None] = (
             queue.SimpleQueue()
         )
@@ -175,18 +172,6 @@ class NvmeTier(Tier):
             raise ConfigError(f"{where}.options.path: expected a string, got {raw_path!r}")
         path = Path(raw_path).expanduser() if raw_path else Path(data_dir) / "nvme"
         return cls(cfg.name, cfg.capacity, path, opts)
-
-    def _take_dir_lock(self) -> int:
-        lock_path = self.path / "LOCK"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise NvmeDirError(
-                f"nvme tier directory {self.path} is in use by another process ({lock_path} is locked)"
-            ) from None
-        return fd
 
     # ------------------------------------------------------------------ start-up
     def _load(self) -> list[Slot]:
@@ -300,33 +285,75 @@ class NvmeTier(Tier):
             self.staging.release(buf)
             self._degrade(f"cannot create a segment in {self.segs.dir}: {exc}")
             raise TierIOError(f"nvme tier {self.name!r}: {exc}") from exc
-        self._wpool.submit(self._do_write, s)
+        with self._wq_cv:
+            self._wq.append(s)
+            self._wq_cv.notify()
 
-    def _do_write(self, s: Slot) -> None:
-        buf = s.staging
-        assert buf is not None and s.seg is not None
-        mv = memoryview(buf)
-        err = ""  # a message, not the exception: its traceback would pin the buffer
+    def _writer_loop(self) -> None:
+        """Take the longest contiguous run of queued extents and write it in one request.
+
+        Extents are placed back to back in ``write`` order, so under load a run
+        covers many blocks: few large requests run much faster than many 2 MiB ones.
+        """
+        while True:
+            with self._wq_cv:
+                while not self._wq and not self._stop_writers:
+                    self._wq_cv.wait()
+                if not self._wq:
+                    return
+                run = [self._wq.popleft()]
+                size = run[0].length
+                while self._wq and size < self.opts.max_write_bytes:
+                    nxt, last = self._wq[0], run[-1]
+                    if nxt.seg is not last.seg or nxt.off != last.off + last.length:
+                        break
+                    run.append(self._wq.popleft())
+                    size += nxt.length
+            try:
+                self._write_run(run)
+            except Exception as exc:  # noqa: BLE001 - a bug here must not hang flush()
+                log.exception("nvme tier %r: write of %d blocks crashed", self.name, len(run))
+                for s in run:
+                    with self._lock:
+                        buf, s.staging = s.staging, None
+                    if buf is not None:
+                        self.staging.release(buf)
+                self._fail_slots([s for s in run if s.pending], f"write crashed: {exc!r}")
+
+    def _write_run(self, run: list[Slot]) -> None:
+        bufs = [s.staging for s in run]
+        views = [memoryview(b) for b in bufs if b is not None]
+        assert len(views) == len(run) and run[0].seg is not None
+        err = ""  # a message, not the exception: its traceback would pin the buffers
         try:
-            if not s.checksum:
-                s.checksum = xxhash.xxh3_64_intdigest(mv[: s.nbytes])
-            self.io.pwrite(s.seg.f, mv[: s.length], s.off)
+            for s, mv in zip(run, views, strict=True):
+                if not s.checksum:
+                    s.checksum = xxhash.xxh3_64_intdigest(mv[: s.nbytes])
+            self.io.pwritev(
+                run[0].seg.f, [mv[: s.length] for s, mv in zip(run, views, strict=True)], run[0].off
+            )
         except OSError as exc:
             err = str(exc)
         finally:
-            mv.release()
+            for mv in views:
+                mv.release()
         with self._lock:
-            s.staging = None
-            if not err:
-                self.counters["writes"] += 1
-                self.counters["write_bytes"] += s.nbytes
-                if s.state == SlotState.WRITING:
-                    s.state = SlotState.WRITTEN
-        self.staging.release(buf)
+            for s in run:
+                s.staging = None
+                if not err:
+                    self.counters["writes"] += 1
+                    self.counters["write_bytes"] += s.nbytes
+                    if s.state == SlotState.WRITING:
+                        s.state = SlotState.WRITTEN
+            self.counters["write_requests"] += 1
+        for b in bufs:
+            assert b is not None
+            self.staging.release(b)
         if err:
-            self._fail_slots([s], f"write to {s.seg.path} failed: {err}")
+            self._fail_slots(run, f"write to {run[0].seg.path} failed: {err}")
             return
-        self._commit_q.put(s)
+        for s in run:
+            self._commit_q.put(s)
 
     def _fail_slots(self, slots: Sequence[Slot], reason: str) -> None:
         """Writes that will never be durable: unreadable, counted, the tier degraded."""
@@ -359,15 +386,32 @@ class NvmeTier(Tier):
     # ------------------------------------------------------------------ committer
     def _commit_loop(self) -> None:
         q = self._commit_q
+        linger = self.opts.commit_interval_ms / 1000
         while True:
             items = [q.get()]
+            # Group commit: every fdatasync and LMDB commit flushes the device, so
+            # gather what arrives within the interval into one, unless someone waits.
+            deadline = time.monotonic() + linger
             while True:
+                if any(x is None or isinstance(x, threading.Event) for x in items[-1:]):
+                    left = 0.0
+                else:
+                    left = deadline - time.monotonic()
                 try:
-                    items.append(q.get_nowait())
+                    items.append(q.get(timeout=left) if left > 0 else q.get_nowait())
                 except queue.Empty:
                     break
             stop = None in items
-            self._commit_batch([x for x in items if x is not None])
+            batch = [x for x in items if x is not None]
+            try:
+                self._commit_batch(batch)
+            except Exception as exc:  # noqa: BLE001 - a dead committer would hang every flush
+                log.exception("nvme tier %r: commit failed", self.name)
+                slots = [x for x in batch if isinstance(x, Slot) and x.pending]
+                self._fail_slots(slots, f"commit failed: {exc!r}")
+                for x in batch:
+                    if isinstance(x, threading.Event):
+                        x.set()
             if stop:
                 return
 
@@ -420,10 +464,12 @@ class NvmeTier(Tier):
         """Block until every write issued so far is durable and indexed."""
         if self._closed:
             return
-        with self._lock:
-            while self._pending:
-                self._flushed.wait()
-        self._barrier()
+        while True:
+            self._barrier()  # ends any lingering group commit now
+            with self._lock:
+                if not self._pending:
+                    return
+                self._flushed.wait(timeout=self.opts.commit_interval_ms / 1000)
 
     # ------------------------------------------------------------------ reads
     def read_into(self, handle: Slot, entry: BlockEntry, dst: memoryview | None) -> None:
@@ -452,6 +498,8 @@ class NvmeTier(Tier):
             seg.readers += 1
         try:
             self.io.read_extent(seg.f, off, s.length, dst)
+            with self._lock:
+                self.counters["read_requests"] += 1
         except OSError as exc:
             with self._lock:
                 self.counters["io_errors"] += 1
@@ -460,6 +508,14 @@ class NvmeTier(Tier):
             with self._lock:
                 seg.readers -= 1
                 self.segs.maybe_close(seg)
+        bad = self._verify(s, entry, dst, seg, off)
+        if bad is not None:
+            raise bad
+
+    def _verify(
+        self, s: Slot, entry: BlockEntry, dst: memoryview, seg: Segment, off: int
+    ) -> ChecksumMismatch | None:
+        """Checks the bytes read into ``dst``; counts the read (and the failure)."""
         csum = xxhash.xxh3_64_intdigest(dst)
         ok = csum == s.checksum and (not entry.checksum or entry.checksum == s.checksum)
         with self._lock:
@@ -467,132 +523,18 @@ class NvmeTier(Tier):
             self.counters["read_bytes"] += s.nbytes
             if not ok:
                 self.counters["checksum_failures"] += 1
-        if not ok:
-            log.warning(
-                "nvme tier %r: checksum mismatch for block %s in %s@%d",
-                self.name,
-                s.key.hex()[:16],
-                seg.path,
-                off,
-            )
-            raise ChecksumMismatch(
-                f"nvme tier {self.name!r}: block {s.key.hex()[:16]} failed its checksum"
-            )
-
-    def read_many(
-        self, items: Sequence[tuple[Slot, BlockEntry, memoryview]]
-    ) -> list[ChecksumMismatch | TierIOError | None]:
-        """Read many blocks in parallel on the I/O threads.
-
-        Returns:
-            One result per item: ``None`` (read and verified), or the
-            :class:`ChecksumMismatch` / :class:`TierIOError` that item raised.
-        """
-        with self._lock:
-            self.counters["read_many_calls"] += 1
-        futs = [self._rpool.submit(self.read_into, h, e, d) for h, e, d in items]
-        out: list[ChecksumMismatch | TierIOError | None] = []
-        for f in futs:
-            exc = f.exception()
-            if exc is not None and not isinstance(exc, ChecksumMismatch | TierIOError):
-                raise exc
-            out.append(exc)
-        return out
-
-    # ------------------------------------------------------------------ compaction
-    def compact(self, min_dead_ratio: float | None = None) -> int:
-        """Compact sealed segments whose dead share is at least ``min_dead_ratio``.
-
-        Returns:
-            Bytes of segment files deleted.
-        """
-        ratio = self.opts.compact_min_dead_ratio if min_dead_ratio is None else min_dead_ratio
-        if self._closed:
-            return 0
-        reclaimed = 0
-        with self._compact_lock:
-            with self._lock:
-                todo = self.segs.candidates(ratio)
-            for seg in todo:
-                reclaimed += self._compact_segment(seg)
-        return reclaimed
-
-    def _compact_segment(self, seg: Segment) -> int:
-        with self._lock:
-            if seg.pending or not seg.sealed:
-                return 0
-            moving = [s for s in seg.slots if s.state == SlotState.DURABLE]
-        moves: list[tuple[Slot, Segment | None, int]] = []
-        buf = self.io.bounce(max((s.length for s in moving), default=ALIGN))
-        try:
-            for s in moving:
-                mv = memoryview(buf)[: s.length]
-                try:
-                    self.io.pread(seg.f, mv, s.off)
-                    if xxhash.xxh3_64_intdigest(mv[: s.nbytes]) != s.checksum:
-                        moves.append((s, None, 0))  # corrupt: not carried forward
-                        continue
-                    with self._lock:
-                        nseg, noff = self.segs.place(s.length)
-                        nseg.pending += 1
-                    moves.append((s, nseg, noff))
-                    self.io.pwrite(nseg.f, mv, noff)
-                finally:
-                    mv.release()
-            for dseg in {m[1] for m in moves if m[1] is not None}:
-                self.segs.make_durable(dseg)
-        except OSError as exc:
-            with self._lock:
-                for s, mseg, _ in moves:
-                    if mseg is not None:
-                        mseg.pending -= 1
-                        mseg.dead += s.length
-            self._degrade(f"compaction of {seg.path} failed: {exc}")
-            return 0
-        ops: list[Op] = []
-        with self._db_lock:
-            with self._lock:
-                for s, to, noff in moves:
-                    alive = s.state == SlotState.DURABLE and s.seg is seg
-                    if to is None:
-                        if alive:  # later reads raise ChecksumMismatch: a miss
-                            s.state = SlotState.CORRUPT
-                            s.why = "checksum mismatch (found by compaction)"
-                            self.counters["checksum_failures"] += 1
-                            seg.kill(s)
-                            s.seg = None
-                            ops.append(DeleteIf(s.key, seg.id, s.off))
-                        continue
-                    to.pending -= 1
-                    if alive:
-                        old_off = s.off
-                        seg.kill(s)
-                        s.seg, s.off = to, noff
-                        to.add(s)
-                        ops.append(MoveIf(s.key, s.record(), seg.id, old_off))
-                    else:
-                        to.dead += s.length  # freed while being copied: garbage now
-            try:
-                self.index.apply(ops)
-            except Exception as exc:  # noqa: BLE001 - any lmdb.Error: keep the old file
-                self._degrade(f"index write failed during compaction: {exc}")
-                return 0
-        # Deletes of blocks freed from this segment are queued: apply them first.
-        self._barrier()
-        with self._lock:
-            size = self.segs.retire(seg)
-            self.counters["compactions"] += 1
-            self.counters["compacted_bytes"] += sum(s.length for s, n, _ in moves if n)
-            self.counters["segments_deleted"] += 1
-        return size
-
-    def _compact_loop(self) -> None:
-        while not self._closed:
-            self._compact_wake.wait(timeout=5.0)
-            self._compact_wake.clear()
-            if self._closed:
-                return
-            self.compact()
+        if ok:
+            return None
+        log.warning(
+            "nvme tier %r: checksum mismatch for block %s in %s@%d",
+            self.name,
+            s.key.hex()[:16],
+            seg.path,
+            off,
+        )
+        return ChecksumMismatch(
+            f"nvme tier {self.name!r}: block {s.key.hex()[:16]} failed its checksum"
+        )
 
     # ------------------------------------------------------------------ lifecycle
     def stats(self) -> dict[str, Any]:
@@ -620,7 +562,11 @@ class NvmeTier(Tier):
         self._compact_wake.set()
         if self._compactor is not None:
             self._compactor.join()
-        self._wpool.shutdown(wait=True)
+        with self._wq_cv:
+            self._stop_writers = True
+            self._wq_cv.notify_all()
+        for th in self._writers:
+            th.join()
         self._rpool.shutdown(wait=True)
         self._commit_q.put(None)
         self._committer.join()

@@ -199,9 +199,21 @@ class IOBackend:
         """Write all of ``buf`` (aligned, length a multiple of 4 KiB) at ``offset``."""
         raise NotImplementedError
 
+    def pwritev(self, f: Any, bufs: list[memoryview], offset: int) -> None:
+        """Write ``bufs`` back to back from ``offset`` (one request where the backend can)."""
+        for b in bufs:
+            self.pwrite(f, b, offset)
+            offset += len(b)
+
     def pread(self, f: Any, buf: memoryview, offset: int) -> None:
         """Fill all of ``buf`` (aligned, length a multiple of 4 KiB) from ``offset``."""
         raise NotImplementedError
+
+    def preadv(self, f: Any, bufs: list[memoryview], offset: int) -> None:
+        """Fill ``bufs`` back to back from ``offset`` (one request where the backend can)."""
+        for b in bufs:
+            self.pread(f, b, offset)
+            offset += len(b)
 
     def sync(self, f: Any) -> None:
         """Make the file's data durable (``fdatasync``)."""
@@ -247,6 +259,37 @@ class PosixBackend(IOBackend):
             if w <= 0:
                 raise OSError(errno.EIO, "short write")
             done += w
+
+    def pwritev(self, f: int, bufs: list[memoryview], offset: int) -> None:
+        total = sum(len(b) for b in bufs)
+        done = os.pwritev(f, bufs, offset)
+        if done >= total:
+            return
+        # A short vectored write (rare): finish the rest buffer by buffer.
+        pos = offset
+        for b in bufs:
+            n = len(b)
+            if done >= n:
+                done -= n
+            else:
+                self.pwrite(f, b[done:], pos + done)
+                done = 0
+            pos += n
+
+    def preadv(self, f: int, bufs: list[memoryview], offset: int) -> None:
+        total = sum(len(b) for b in bufs)
+        done = os.preadv(f, bufs, offset)
+        if done >= total:
+            return
+        pos = offset  # a short vectored read (rare): finish buffer by buffer
+        for b in bufs:
+            n = len(b)
+            if done >= n:
+                done -= n
+            else:
+                self.pread(f, b[done:], pos + done)
+                done = 0
+            pos += n
 
     def pread(self, f: int, buf: memoryview, offset: int) -> None:
         done, n = 0, len(buf)

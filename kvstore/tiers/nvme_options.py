@@ -1,8 +1,12 @@
-"""Options of the NVMe tier (the ``options`` table of a ``kind = "nvme"`` tier)."""
+"""Options of the NVMe tier (the ``options`` table of a ``kind = "nvme"`` tier) and the
+checks of its directory at start."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from kvstore.config import ConfigError, parse_size
@@ -19,13 +23,21 @@ class NvmeOptions:
 
     Attributes:
         segment_bytes: size at which a segment file is sealed and a new one started.
-        io_threads: threads issuing writes, and as many issuing reads.
+        io_threads: threads issuing writes.
+        read_threads: threads issuing reads for ``read_many`` (a virtio or NVMe disk
+            reads faster with more requests in flight).
         staging_bytes: memory for writes in flight; ``write`` waits when it is spent.
         o_direct: ``"auto"`` (use it where the filesystem accepts it), ``True``
             (fail at start if it does not) or ``False`` (buffered I/O).
         io_backend: ``"auto"``, ``"posix"`` or ``"kvikio"``.
         compact_min_dead_ratio: a sealed segment whose freed share reaches this is
             compacted (its live blocks copied forward, the file deleted).
+        max_write_bytes: queued extents that lie back to back are written in one
+            request of up to this size.
+        read_run_bytes: ``read_many`` reads blocks that lie back to back in requests of
+            up to this size (a few large requests beat many 2 MiB ones on virtio disks).
+        commit_interval_ms: a group commit (``fdatasync`` + index transaction) waits up
+            to this long for more finished writes; ``flush`` cuts the wait short.
         background_compaction: compact on a background thread (else only on
             :meth:`NvmeTier.compact`).
         create_dir: create ``path`` when missing (else a missing path is an error).
@@ -34,10 +46,14 @@ class NvmeOptions:
 
     segment_bytes: int = 256 << 20
     io_threads: int = 4
+    read_threads: int = 8
     staging_bytes: int = 64 << 20
     o_direct: str | bool = "auto"
     io_backend: str = "auto"
     compact_min_dead_ratio: float = 0.5
+    max_write_bytes: int = 16 << 20
+    read_run_bytes: int = 8 << 20
+    commit_interval_ms: float = 20.0
     background_compaction: bool = True
     create_dir: bool = True
     index_map_bytes: int = 4 << 30
@@ -63,12 +79,18 @@ class NvmeOptions:
             if k == "path":
                 continue
             f = f"{where}.options.{k}"
-            if k in ("segment_bytes", "staging_bytes", "index_map_bytes"):
+            if k in (
+                "segment_bytes",
+                "staging_bytes",
+                "index_map_bytes",
+                "max_write_bytes",
+                "read_run_bytes",
+            ):
                 setattr(o, k, parse_size(v, f))
-            elif k == "io_threads":
+            elif k in ("io_threads", "read_threads"):
                 if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 64:
                     raise ConfigError(f"{f}: expected an integer in 1..64, got {v!r}")
-                o.io_threads = v
+                setattr(o, k, v)
             elif k == "o_direct":
                 if v not in ("auto", True, False):
                     raise ConfigError(f"{f}: expected 'auto', true or false, got {v!r}")
@@ -81,6 +103,10 @@ class NvmeOptions:
                 if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 1:
                     raise ConfigError(f"{f}: expected a number in (0, 1], got {v!r}")
                 o.compact_min_dead_ratio = float(v)
+            elif k == "commit_interval_ms":
+                if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 10_000:
+                    raise ConfigError(f"{f}: expected milliseconds in 0..10000, got {v!r}")
+                o.commit_interval_ms = float(v)
             elif k in ("background_compaction", "create_dir"):
                 if not isinstance(v, bool):
                     raise ConfigError(f"{f}: expected true or false, got {v!r}")
@@ -95,7 +121,48 @@ class NvmeOptions:
                 f"{where}.options.segment_bytes: must be >= 1 MiB and a multiple of 4 KiB, "
                 f"got {self.segment_bytes}"
             )
+        for k in ("max_write_bytes", "read_run_bytes"):
+            if getattr(self, k) < ALIGN:
+                raise ConfigError(f"{where}.options.{k}: must be >= 4 KiB")
         if self.staging_bytes < ALIGN:
             raise ConfigError(f"{where}.options.staging_bytes: must be >= 4 KiB")
         if self.index_map_bytes < (1 << 20):
             raise ConfigError(f"{where}.options.index_map_bytes: must be >= 1 MiB")
+
+
+def open_dir(path: Path, create: bool) -> Path:
+    """The tier directory, created if allowed; a clear error naming the path if unusable."""
+    if not path.exists():
+        if not create:
+            raise NvmeDirError(f"nvme tier directory {path} does not exist (create_dir = false)")
+        try:
+            path.mkdir(parents=True)
+        except OSError as exc:
+            raise NvmeDirError(f"cannot create nvme tier directory {path}: {exc}") from exc
+    if not path.is_dir():
+        raise NvmeDirError(f"nvme tier path {path} exists but is not a directory")
+    probe = path / ".write-probe"
+    try:
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as exc:
+        raise NvmeDirError(f"nvme tier directory {path} is not writable: {exc}") from exc
+    return path
+
+
+def take_dir_lock(path: Path) -> int:
+    """An exclusive ``flock`` on ``path/LOCK`` (released when the fd closes or the process dies).
+
+    Raises:
+        NvmeDirError: another process holds it.
+    """
+    lock_path = path / "LOCK"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise NvmeDirError(
+            f"nvme tier directory {path} is in use by another process ({lock_path} is locked)"
+        ) from None
+    return fd

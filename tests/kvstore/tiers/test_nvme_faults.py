@@ -211,7 +211,7 @@ def test_injected_disk_full_degrades_the_tier(tmp_path: Path, caplog: Any) -> No
         nv.flush()
         on_disk = [k for k in keys[:4] if h.get(k).top == 1]  # type: ignore[union-attr]
         assert on_disk
-        nv.io.pwrite = _enospc  # type: ignore[method-assign]
+        nv.io.pwritev = _enospc  # type: ignore[method-assign]
         with caplog.at_level(logging.WARNING, logger="kvstore.tiers.nvme"):
             _store(h, [keys[4]], nb)  # demotes one more block: its write fails
             nv.flush()
@@ -229,10 +229,13 @@ def test_injected_disk_full_degrades_the_tier(tmp_path: Path, caplog: Any) -> No
         assert h.counters.demotions == demotions
         assert nv.reserve(nb, entry(key_of(100), nb)) is None
         # Blocks written before the failure still read back.
-        st2, _ = h.acquire(on_disk[:1])
+        st2, got = h.acquire(on_disk[:1])
         assert st2 == [Status.OK]
+        assert got[0] is not None
+        assert bytes(h.levels[0].tier.view(got[0].locs[0])) == data_for(on_disk[0], nb)
+        h.release([got[0]])
         # The block whose write failed is a miss, not an error forever.
-        st3, _ = h.acquire(lost)
+        st3, _ = h.acquire(lost)  # nothing pinned: no entry comes back
         assert st3 == [Status.NOT_FOUND] * len(lost) and h.get(lost[0]) is None
         assert h.counters.io_errors == len(lost)
     finally:
@@ -300,5 +303,22 @@ def test_real_disk_full_on_tiny_tmpfs(tiny_tmpfs: Path) -> None:
         assert good
         for h, e, data in good:
             assert read(t, h, e) == data
+    finally:
+        t.close()
+
+
+def test_a_bug_in_the_write_path_fails_the_block_not_flush(tmp_path: Path) -> None:
+    t = open_tier(tmp_path / "t")
+    try:
+
+        def boom(*a: Any) -> None:
+            raise RuntimeError("bug")
+
+        t.io.pwritev = boom  # type: ignore[method-assign]
+        h, e, _ = put(t, key_of(1), 64 * KB)
+        t.flush()  # returns: the crashed write is failed, not pending forever
+        assert h.state == SlotState.FAILED and t.degraded and "bug" in t.degraded
+        with pytest.raises(TierIOError):
+            read(t, h, e)
     finally:
         t.close()

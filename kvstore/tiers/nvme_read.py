@@ -1,0 +1,136 @@
+"""Batched reads of the NVMe tier: many blocks in flight, adjacent ones in one request.
+
+``read_many`` is how the hierarchy promotes many NVMe-resident blocks at once
+(Acquire, Prefetch).  Blocks that lie back to back on disk and whose destination
+buffers are page-aligned whole pages (the DRAM arena's slots are) are read with one
+``preadv`` per run of up to ``read_run_bytes``; the rest one by one; all on the
+tier's read threads.  Every block is verified against its checksum on its own, so
+one bad block in a run fails alone.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from kvstore.tiers.base import ChecksumMismatch, TierIOError
+from kvstore.tiers.nvme_io import IOBackend, is_aligned
+from kvstore.tiers.nvme_options import NvmeOptions
+from kvstore.tiers.nvme_segments import Segment, SegmentSet, Slot, SlotState
+
+if TYPE_CHECKING:
+    from kvstore.entry import BlockEntry
+
+
+class BatchReadMixin:
+    """The batched-read half of :class:`~kvstore.tiers.nvme.NvmeTier` (state lives there)."""
+
+    name: str
+    opts: NvmeOptions
+    io: IOBackend
+    segs: SegmentSet
+    counters: dict[str, int]
+    _lock: threading.Lock
+    _rpool: ThreadPoolExecutor
+
+    def read_into(self, handle: Slot, entry: BlockEntry, dst: memoryview | None) -> None:
+        raise NotImplementedError
+
+    def _verify(
+        self, s: Slot, entry: BlockEntry, dst: memoryview, seg: Segment, off: int
+    ) -> ChecksumMismatch | None:
+        raise NotImplementedError
+
+    def _try_read(self, s: Slot, entry: BlockEntry, dst: memoryview) -> Exception | None:
+        try:
+            self.read_into(s, entry, dst)
+        except (ChecksumMismatch, TierIOError) as exc:
+            return exc
+        return None
+
+    def _read_run(self, run: list[tuple[Slot, BlockEntry, memoryview]]) -> list[Exception | None]:
+        """Blocks that lie back to back on disk, read by one ``preadv`` into their buffers."""
+        first = run[0][0]
+        with self._lock:
+            seg, off = first.seg, first.off
+            pos, ok = off, seg is not None
+            for s, _, _ in run:  # compaction may have moved some since they were grouped
+                if s.state not in (SlotState.WRITTEN, SlotState.DURABLE) or s.seg is not seg:
+                    ok = False
+                    break
+                ok = ok and s.off == pos
+                pos += s.length
+            if ok and seg is not None:
+                seg.readers += 1
+        if not ok or seg is None:
+            return [self._try_read(*it) for it in run]
+        try:
+            self.io.preadv(seg.f, [d for _, _, d in run], off)
+        except OSError as exc:
+            with self._lock:
+                self.counters["io_errors"] += len(run)
+            msg = f"nvme tier {self.name!r}: read of {seg.path}@{off}: {exc}"
+            return [TierIOError(msg) for _ in run]
+        finally:
+            with self._lock:
+                seg.readers -= 1
+                self.segs.maybe_close(seg)
+                self.counters["read_requests"] += 1
+        out: list[Exception | None] = []
+        pos = off
+        for s, e, d in run:
+            out.append(self._verify(s, e, d, seg, pos))
+            pos += s.length
+        return out
+
+    def read_many(
+        self, items: Sequence[tuple[Slot, BlockEntry, memoryview]]
+    ) -> list[Exception | None]:
+        """Read many blocks in parallel on the read threads.
+
+        Blocks that lie back to back on disk and whose buffers are page-aligned and a
+        whole number of pages long are read with one ``preadv`` per run of up to
+        ``read_run_bytes``.
+
+        Returns:
+            One result per item: ``None`` (read and verified), or the
+            :class:`ChecksumMismatch` / :class:`TierIOError` that item raised.
+        """
+        with self._lock:
+            self.counters["read_many_calls"] += 1
+        direct: list[int] = []
+        jobs: list[list[int]] = []
+        for i, (s, _, d) in enumerate(items):
+            if s.seg is not None and len(d) == s.length and is_aligned(d):
+                direct.append(i)
+            else:
+                jobs.append([i])
+        direct.sort(key=lambda i: (items[i][0].seg.id, items[i][0].off))  # type: ignore[union-attr]
+        cap = self.opts.read_run_bytes
+        run: list[int] = []
+        size = 0
+        for i in direct:
+            s = items[i][0]
+            if run:
+                last = items[run[-1]][0]
+                if s.seg is last.seg and s.off == last.off + last.length and size + s.length <= cap:
+                    run.append(i)
+                    size += s.length
+                    continue
+                jobs.append(run)
+            run, size = [i], s.length
+        if run:
+            jobs.append(run)
+        futs = [
+            self._rpool.submit(self._read_run, [items[i] for i in job])
+            if len(job) > 1
+            else self._rpool.submit(lambda it: [self._try_read(*it)], items[job[0]])
+            for job in jobs
+        ]
+        out: list[Exception | None] = [None] * len(items)
+        for job, f in zip(jobs, futs, strict=True):
+            for i, r in zip(job, f.result(), strict=True):
+                out[i] = r
+        return out
