@@ -48,7 +48,17 @@ def scan(
             if len(skipped) == limit:
                 break
         if found and len(out) < n:
-            look_ahead(it, n, evictable, out)
+            # look_ahead() inlined: this is the common way out of a scan.
+            ahead = 0
+            for e in it:
+                if evictable(e):
+                    out.append(e)
+                    if len(out) >= n:
+                        break
+                else:
+                    ahead += 1
+                    if ahead > LOOKAHEAD:
+                        break
         if skipped:
             move = queue.move_to_end
             for e in skipped:
