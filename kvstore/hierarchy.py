@@ -132,9 +132,12 @@ class Hierarchy:
                 else:
                     parent.children.add(e)
             # _make_room inlined (one call per new block saved on the hot path).
-            h = None if wtier.degraded else reserve(nbytes, e)
-            if h is None and not wtier.degraded:
-                h = evict_for(w, nbytes, e)
+            if wtier.degraded:
+                h = None
+            else:
+                h = reserve(nbytes, e)
+                if h is None:
+                    h = evict_for(w, nbytes, e)
             if h is None:
                 self._forget(e)
                 for c in reversed(created):
