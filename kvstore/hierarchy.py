@@ -16,70 +16,14 @@ every invariant checkable without locks:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from enum import IntEnum
+from collections.abc import Callable, Iterable, Sequence
 
 from kvstore.entry import PENDING, READY, BlockEntry
-from kvstore.policies import ADMISSIONS, POLICIES, AdmissionPolicy, EvictionPolicy
+from kvstore.hierarchy_types import Counters, Level, Status
+from kvstore.policies import AdmissionPolicy
 from kvstore.tiers.base import ChecksumMismatch, Handle, Tier, TierIOError
 
-
-class Status(IntEnum):
-    """Per-key outcome of a batch verb (mirrors ``KeyStatus`` in the proto)."""
-
-    OK = 0
-    NEW = 1
-    PRESENT = 2
-    IN_PROGRESS = 3
-    NOT_FOUND = 4
-    NOT_OWNER = 5
-    ALREADY_COMMITTED = 6
-    NO_SPACE = 7
-    PINNED = 8
-    HAS_CHILDREN = 9
-    CHECKSUM_MISMATCH = 10
-    BAD_SIZE = 11
-
-
-@dataclass(slots=True)
-class Level:
-    """One tier of the hierarchy with its policy and admission."""
-
-    tier: Tier
-    policy: EvictionPolicy
-    admission: AdmissionPolicy
-
-    @classmethod
-    def build(
-        cls, tier: Tier, policy: str = "lru", admission: str = "always", block_hint: int = 1 << 20
-    ) -> Level:
-        """Builds a level from registered names; ``block_hint`` is a typical block size."""
-        blocks = max(1, tier.capacity_bytes // max(1, block_hint))
-        return cls(tier, POLICIES.get(policy)(blocks), ADMISSIONS.get(admission)(blocks))
-
-
-@dataclass(slots=True)
-class Counters:
-    """Monotonic counters; the metrics module exports them."""
-
-    lookups: int = 0
-    lookup_blocks: int = 0
-    lookup_hit_blocks: int = 0
-    allocations: int = 0
-    dedup_present: int = 0
-    commits: int = 0
-    aborts: int = 0
-    acquires: int = 0
-    promotions: int = 0
-    demotions: int = 0
-    dropped: int = 0
-    deleted: int = 0
-    checksum_failures: int = 0
-    io_errors: int = 0
-    no_space: int = 0
-    hits_by_tier: list[int] = field(default_factory=list)
-    evictions_by_tier: list[int] = field(default_factory=list)
+__all__ = ["Counters", "Hierarchy", "Level", "Status"]
 
 
 class Hierarchy:
@@ -107,6 +51,8 @@ class Hierarchy:
             for lv in self.levels
             if type(lv.admission).on_reference is not AdmissionPolicy.on_reference
         ]
+        self._skips: list[set[BlockEntry]] = [set() for _ in self.levels]
+        self._evictable = [self._evictable_pred(t) for t in range(self.n)]
 
     # ------------------------------------------------------------------ queries
     def get(self, key: bytes) -> BlockEntry | None:
@@ -160,7 +106,10 @@ class Hierarchy:
         w = self.write_level
         index = self.index
         n = self.n
-        make_room = self._make_room
+        wtier = self.levels[w].tier
+        reserve = wtier.reserve
+        evict_for = self._evict_for
+        new_status = Status.NEW  # enum member lookups are slow; once per call
         parent = index.get(parent_key) if parent_key else None
         depth = parent.depth + 1 if parent is not None else first_depth
         for k in keys:
@@ -172,16 +121,9 @@ class Hierarchy:
                     self.counters.dedup_present += 1
                 parent, depth = e, e.depth + 1
                 continue
-            e = BlockEntry(
-                key=k,
-                ns=ns,
-                nbytes=nbytes,
-                parent=parent,
-                depth=depth,
-                locs=[None] * n,
-                kid_tops=[0] * n,
-                owner=owner,
-            )
+            locs: list[Handle] = [None] * n
+            # Positional: cheaper than keywords, one entry per missed block.
+            e = BlockEntry(k, ns, nbytes, parent, depth, locs, [0] * n, PENDING, -1, 0, 0, owner)
             # Link first so the parent is protected while we make room for the child.
             index[k] = e
             if parent is not None:
@@ -189,7 +131,13 @@ class Hierarchy:
                     parent.children = {e}
                 else:
                     parent.children.add(e)
-            h = make_room(w, nbytes, e)
+            # _make_room inlined (one call per new block saved on the hot path).
+            if wtier.degraded:
+                h = None
+            else:
+                h = reserve(nbytes, e)
+                if h is None:
+                    h = evict_for(w, nbytes, e)
             if h is None:
                 self._forget(e)
                 for c in reversed(created):
@@ -202,12 +150,12 @@ class Hierarchy:
                     None if s == Status.NEW else x for s, x in zip(statuses, entries, strict=True)
                 ]
             # _set_loc for a fresh entry (no copy anywhere yet), inlined.
-            e.locs[w] = h
+            locs[w] = h
             e.top = w
             if parent is not None:
                 parent.kid_tops[w] += 1
             created.append(e)
-            statuses.append(Status.NEW)
+            statuses.append(new_status)
             entries.append(e)
             parent, depth = e, depth + 1
         for hook in self._ref_hooks:
@@ -221,8 +169,11 @@ class Hierarchy:
         """Make pending blocks of ``owner`` visible to readers."""
         out: list[Status] = []
         done: list[BlockEntry] = []
+        get = self.index.get
+        ok = Status.OK  # enum member lookups are slow; once per call
+        nsums = len(checksums)
         for i, k in enumerate(keys):
-            e = self.index.get(k)
+            e = get(k)
             if e is None:
                 out.append(Status.NOT_FOUND)
             elif e.state == READY:
@@ -232,17 +183,17 @@ class Hierarchy:
             else:
                 e.state = READY
                 e.owner = 0
-                e.checksum = int(checksums[i]) if i < len(checksums) else 0
+                e.checksum = int(checksums[i]) if i < nsums else 0
                 done.append(e)
-                out.append(Status.OK)
+                out.append(ok)
         # Tail first, like acquire/touch: a chain's head is inserted last, so recency
         # orders meet leaves (the blocks that may go) before their parents.
         self.clock += 1
         now = self.clock
-        policy = self.levels[self.write_level].policy
+        on_insert = self.levels[self.write_level].policy.on_insert
         for e in reversed(done):
             e.last_access = now
-            policy.on_insert(e)
+            on_insert(e)
         self.counters.commits += len(done)
         return out
 
@@ -397,60 +348,77 @@ class Hierarchy:
 
     def _make_room(self, t: int, nbytes: int, e: BlockEntry) -> Handle | None:
         """Reserve room in tier ``t``, evicting by policy; ``None`` when impossible."""
-        lv = self.levels[t]
-        if lv.tier.degraded:
+        tier = self.levels[t].tier
+        if tier.degraded:
             return None
-        h = lv.tier.reserve(nbytes, e)
+        h = tier.reserve(nbytes, e)
         if h is not None:
             return h
-        skip: set[BlockEntry] = set()
+        return self._evict_for(t, nbytes, e)
 
-        def ok(v: BlockEntry) -> bool:
-            # ``evictable`` inlined: this predicate runs once per scanned entry.
-            if v.state != READY or v.pins or v in skip:
-                return False
-            if v.top < t:
-                return True
-            kt = v.kid_tops
-            return not kt[0] if t == 0 else not any(kt[: t + 1])
-
+    def _evict_for(self, t: int, nbytes: int, e: BlockEntry) -> Handle | None:
+        """``_make_room`` once a first ``reserve`` failed: evict until one succeeds."""
+        lv = self.levels[t]
+        skip = self._skips[t]  # victims that must stay (no room below for them)
+        skip.clear()
         victims_of = lv.policy.victims
+        ok = self._evictable[t]
         reserve = lv.tier.reserve
+        evict = self._evict
+        last = t + 1 == self.n
+        on_remove, free, index, c = lv.policy.on_remove, lv.tier.free, self.index, self.counters
+        h = None
         while h is None:
             victims = victims_of(4, ok)
             if not victims:
-                return None
+                break
             for v in victims:
-                if not self._evict(v, t):
+                if last and v.top == t and not v.children and v.state == READY:
+                    # Fast path for the common case (one-tier daemon, trace replay): a
+                    # leaf whose only copy is in the last tier leaves the hierarchy.
+                    # Same effect as _evict (_remove_copy + _forget), inlined.
+                    locs = v.locs
+                    hv = locs[t]
+                    locs[t] = None
+                    on_remove(v)
+                    free(hv)
+                    v.top = -1
+                    p = v.parent
+                    if p is not None:
+                        p.kid_tops[t] -= 1
+                        if p.children is not None:
+                            p.children.discard(v)
+                        v.parent = None
+                    if index.get(v.key) is v:
+                        del index[v.key]
+                    c.evictions_by_tier[t] += 1
+                    c.dropped += 1
+                elif not evict(v, t):
                     skip.add(v)
             h = reserve(nbytes, e)
+        skip.clear()
         return h
+
+    def _evictable_pred(self, t: int) -> Callable[[BlockEntry], bool]:
+        """``evictable`` for tier ``t``, minus ``_skips[t]``: the policies' predicate.
+        Built once per level: it runs once per entry a policy scans (the hottest call)."""
+        skip, ready, stop = self._skips[t], READY, t + 1
+
+        def ok0(v: BlockEntry) -> bool:
+            if v.state != ready or v.pins or v in skip:
+                return False
+            return v.top < 0 or not v.kid_tops[0]
+
+        def ok(v: BlockEntry) -> bool:
+            if v.state != ready or v.pins or v in skip:
+                return False
+            return v.top < t or not any(v.kid_tops[:stop])
+
+        return ok0 if t == 0 else ok
 
     def _evict(self, v: BlockEntry, t: int) -> bool:
         """Move ``v`` out of tier ``t`` (demote or drop).  False if it must stay."""
         locs = v.locs
-        if t + 1 == self.n and v.top == t and not v.children and v.state == READY:
-            # Fast path for the common case (one-tier daemon, trace replay): a leaf
-            # whose only copy is in the last tier leaves the hierarchy.  Same effect
-            # as _remove_copy + _forget below, without their generality.
-            h = locs[t]
-            locs[t] = None
-            lv = self.levels[t]
-            lv.policy.on_remove(v)
-            lv.tier.free(h)
-            v.top = -1
-            p = v.parent
-            if p is not None:
-                p.kid_tops[t] -= 1
-                if p.children is not None:
-                    p.children.discard(v)
-                v.parent = None
-            if self.index.get(v.key) is v:
-                del self.index[v.key]
-            c = self.counters
-            c.evictions_by_tier[t] += 1
-            c.dropped += 1
-            return True
         has_lower = False
         for u in range(t + 1, self.n):
             if locs[u] is not None:

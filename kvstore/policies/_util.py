@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -35,26 +35,69 @@ def scan(
     """
     if len(out) >= n:
         return
-    skipped: list[BlockEntry] = []
-    rotate = not out
-    ahead = 0
-    for e in queue:
-        if evictable(e):
-            out.append(e)
-            if len(out) >= n:
+    it = iter(queue)
+    if not out:
+        skipped: list[BlockEntry] = []
+        found = False
+        for e in it:
+            if evictable(e):
+                out.append(e)
+                found = True
                 break
-            rotate = False
-        elif rotate:
             skipped.append(e)
             if len(skipped) == limit:
                 break
+        if found and len(out) < n:
+            # look_ahead() inlined: this is the common way out of a scan.
+            ahead = 0
+            for e in it:
+                if evictable(e):
+                    out.append(e)
+                    if len(out) >= n:
+                        break
+                else:
+                    ahead += 1
+                    if ahead > LOOKAHEAD:
+                        break
+        if skipped:
+            move = queue.move_to_end
+            for e in skipped:
+                move(e)
+        return
+    look_ahead(it, n, evictable, out)
+
+
+def look_ahead(
+    it: Iterator[BlockEntry],
+    n: int,
+    evictable: Callable[[BlockEntry], bool],
+    out: list[BlockEntry],
+    exclude: set[BlockEntry] | None = None,
+) -> None:
+    """The rest of :func:`scan` once a victim is named: appends evictable entries of
+    ``it`` to ``out`` up to ``n``, stopping after ``LOOKAHEAD`` + 1 entries that are
+    not (or are in ``exclude``, entries already named)."""
+    ahead = 0
+    if exclude:
+        for e in it:
+            if e not in exclude and evictable(e):
+                out.append(e)
+                if len(out) >= n:
+                    return
+            else:
+                ahead += 1
+                if ahead > LOOKAHEAD:
+                    return
+        return
+    for e in it:
+        if evictable(e):
+            out.append(e)
+            if len(out) >= n:
+                return
         else:
             ahead += 1
             if ahead > LOOKAHEAD:
-                break
-    move = queue.move_to_end
-    for e in skipped:
-        move(e)
+                return
 
 
 def observed_capacity(held: int, hint: int) -> int | None:

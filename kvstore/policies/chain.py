@@ -41,7 +41,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from kvstore.policies._util import observed_capacity, scan
+from kvstore.policies._util import look_ahead, scan
 from kvstore.policies.base import POLICIES, EvictionPolicy
 
 if TYPE_CHECKING:
@@ -118,15 +118,16 @@ class ChainPolicy(EvictionPolicy):
             s = _WIN
         else:
             s = _MAIN
-        m[0] = s
         clock = self._clock
+        now = self._now
+        m[0] = s
         m[2] = clock[s]
+        m[3] = now
         clock[s] += 1
-        m[3] = self._now
-        self._now += 1
+        self._now = now + 1
         self._segs[s][entry] = None
-        self._refs += 1
-        if self._refs >= self._period:
+        refs = self._refs = self._refs + 1
+        if refs >= self._period:
             self._refs = 0
             self._resize()
 
@@ -161,9 +162,10 @@ class ChainPolicy(EvictionPolicy):
     # ------------------------------------------------------------------ protocol
     def on_insert(self, entry: BlockEntry) -> None:
         past = self._history.pop(entry.key, None)
-        m = [0, 1, 0, 0]
-        if past is not None:
-            m[1] = past[0] + 1
+        if past is None:
+            m = [0, 1, 0, 0]
+        else:
+            m = [0, past[0] + 1, 0, 0]
             self._record(past[1], past[2], past[3])
         self._meta[entry] = m
         self._place(entry, m)
@@ -188,9 +190,9 @@ class ChainPolicy(EvictionPolicy):
             hist.popitem(last=False)
 
     def victims(self, n: int, evictable: Callable[[BlockEntry], bool]) -> list[BlockEntry]:
-        real = observed_capacity(len(self._meta), self.capacity_blocks)
-        if real is not None:
-            self._rescale(real)
+        held, cap = len(self._meta), self.capacity_blocks
+        if 2 * held < cap or held > 2 * cap:  # observed_capacity inlined (hot path)
+            self._rescale(max(1, held))
         win, main = self._segs
         if self._lru_mode and main and win:
             # LRU mode: the older of the two cold ends goes first.
@@ -204,11 +206,18 @@ class ChainPolicy(EvictionPolicy):
         # A bounded look first: the cold end of one segment is often a parent of
         # blocks in the other (not evictable yet); evict there instead.
         scan(first, n, evictable, out, SCAN_LIMIT)
+        named_first = bool(out)
         if len(out) < n:
             scan(second, n, evictable, out)
-        if len(out) < n:
-            named = set(out)  # the bounded look may already have named some
-            scan(first, n, lambda e: e not in named and evictable(e), out)
+        if len(out) < n and not named_first:
+            # The bounded look rotated SCAN_LIMIT entries without naming one: look
+            # further.  (When it named one, a second pass over ``first`` would meet
+            # the same entries in the same state and name nothing new: skipped.)
+            named = set(out)
+            if out:  # scan() would only look ahead: skip its predicate wrapper
+                look_ahead(iter(first), n, evictable, out, named)
+            else:
+                scan(first, n, lambda e: e not in named and evictable(e), out)
         return out
 
     def __len__(self) -> int:
