@@ -46,6 +46,18 @@ Configuration (TOML, --config FILE); flags override the file.  Every field:
   options = { path = "/mnt/nvme/kvstore" }
 
   cxl options: numa_node (required), slab_bytes, prefault.
+
+  [models]                 # model-weight store (`kvstore models add NAME PATH`)
+  dram_budget = 0          # bytes of DRAM for resident models; 0 = 1/4 of available
+  shm_dir = "/dev/shm"     # where the resident-model arena file lives (a tmpfs)
+  prefault = true          # touch the model arena up front (first touch is slow)
+  policy = "lru"           # eviction among unpinned resident models
+  ring_buffers = 8         # read ring (bounds loader memory for non-DRAM targets)
+  ring_buffer_bytes = 8388608
+  max_inflight = 64        # direct reads in flight
+  io_threads = 64
+  direct_io = true
+  verify_checksums = true
 """
 
 
@@ -190,6 +202,7 @@ _BENCHES = {
     "trace-replay": "bench.trace_replay",
     "nvme": "bench.nvme_tier",
     "gpu": "bench.gpu_bench",
+    "weight-swap": "bench.weight_swap",
 }
 
 
@@ -212,6 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _serve_parser(sub)
     _stats_parser(sub)
     _bench_parser(sub)
+    from loader.cli import register as register_models
+
+    register_models(sub)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

@@ -171,6 +171,39 @@ class Client:
         self._teardown()
         self._connect()
 
+    # ------------------------------------------------------------------ model weights
+    def load_model(self, name: str, device: str = "cpu", pin: bool = True) -> dict[str, Any]:
+        """Tensors of model ``name`` (views on shared memory; pinned for this session)."""
+        from loader.client import load_model
+
+        assert self._channel is not None
+        return load_model(self._channel, name, device, session_id=self.session_id, pin=pin)
+
+    def swap(self, old: str, new: str, device: str = "cpu") -> dict[str, Any]:
+        """Makes ``new`` resident and pinned, unpins ``old``; returns ``new``'s tensors."""
+        from loader.client import swap_models
+
+        assert self._channel is not None
+        return swap_models(self._channel, old, new, device, session_id=self.session_id)
+
+    def prefetch_model(self, name: str) -> str:
+        from loader.client import prefetch_model
+
+        assert self._channel is not None
+        return prefetch_model(self._channel, name)
+
+    def release_model(self, name: str, evict: bool = False) -> int:
+        from loader.client import release_model
+
+        assert self._channel is not None
+        return release_model(self._channel, name, session_id=self.session_id, evict=evict)
+
+    def models(self) -> list[dict[str, Any]]:
+        from loader.client import list_models
+
+        assert self._channel is not None
+        return list_models(self._channel)
+
     def close(self) -> None:
         """Ends the session: the daemon releases its pins and aborts its allocations."""
         if self._channel is None:

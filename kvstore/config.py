@@ -13,9 +13,12 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
+
+if TYPE_CHECKING:
+    from loader.config import ModelsConfig
 
 
 class ConfigError(ValueError):
@@ -116,6 +119,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     tiers: list[TierConfig] = field(default_factory=_default_tiers)
     data_dir: str = ""
+    models: ModelsConfig | None = None  # the [models] table (model-weight store)
 
     def validate(self) -> Config:
         from kvstore.policies import ADMISSIONS, DEFAULT_POLICY, POLICIES
@@ -183,16 +187,20 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     server = _build(ServerConfig, data.pop("server", {}), "server")
     tiers_raw = data.pop("tiers", None)
     data_dir = data.pop("data_dir", "")
+    from loader.config import ModelsConfig  # loader imports this module: import late
+
+    models = ModelsConfig.from_dict(data.pop("models", {}))
     if data:
         raise ConfigError(
-            f"unknown top-level field(s) {', '.join(sorted(data))}; known: server, tiers, data_dir"
+            f"unknown top-level field(s) {', '.join(sorted(data))}; "
+            "known: server, tiers, data_dir, models"
         )
     tiers = (
         [_build(TierConfig, dict(t), f"tiers[{i}]") for i, t in enumerate(tiers_raw)]
         if tiers_raw is not None
         else _default_tiers()
     )
-    return Config(server=server, tiers=tiers, data_dir=str(data_dir)).validate()
+    return Config(server=server, tiers=tiers, data_dir=str(data_dir), models=models).validate()
 
 
 def load_config(path: str | Path | None) -> Config:

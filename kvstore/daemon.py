@@ -49,6 +49,12 @@ def build_tiers(cfg: Config) -> list[Tier]:
     return tiers
 
 
+def _models_stats() -> dict[str, Any]:
+    from loader import service as models_service
+
+    return models_service.stats()
+
+
 class Daemon:
     """Owns the hierarchy, sessions and namespaces; all mutated on the event loop thread."""
 
@@ -101,6 +107,7 @@ class Daemon:
             },
             "namespaces": len(self.namespaces),
             "recovered_blocks": self.recovered,
+            "models": _models_stats(),
             **hs,
         }
 
@@ -116,6 +123,14 @@ class Daemon:
         ]
         server = grpc.aio.server(options=opts)
         pb_grpc.add_KVStoreServicer_to_server(KVStoreServicer(self), server)
+        from loader import service as models_service
+        from loader.config import ModelsConfig
+
+        models_service.register(
+            server, Path(self.cfg.data_dir).expanduser(), self.cfg.models or ModelsConfig()
+        )
+        self.extra_closers.append(models_service.close)
+        self.sessions.on_close.append(models_service.release_session)
         hs = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(hs, server)
         sock = Path(scfg.socket).expanduser()

@@ -13,6 +13,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvstore.hierarchy import Hierarchy
 
@@ -41,6 +42,7 @@ class SessionManager:
         self._ids = itertools.count(1)
         self.opened_total = 0
         self.reclaimed_total = 0
+        self.on_close: list[Any] = []  # callables(session_id), e.g. model pins
 
     def open(self, name: str, pid: int) -> Session:
         now = time.monotonic()
@@ -72,6 +74,8 @@ class SessionManager:
                 e.pins -= n
                 released += n
         aborted = self.h.abort(sid, s.allocs)
+        for hook in self.on_close:
+            hook(sid)
         if reason != "closed" or released or aborted:
             log.info(
                 "session %d (%s) %s: released %d pins, aborted %d allocations",

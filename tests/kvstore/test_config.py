@@ -71,6 +71,10 @@ def test_help_documents_every_field() -> None:
     for f in dataclasses.fields(TierConfig):
         assert f"{f.name} =" in CONFIG_HELP, f.name
     assert "data_dir =" in CONFIG_HELP
+    from loader.config import ModelsConfig
+
+    for f in dataclasses.fields(ModelsConfig):
+        assert f"{f.name} =" in CONFIG_HELP, f.name
 
 
 def test_serve_help_and_bad_config_exit_codes(tmp_path: Path) -> None:
