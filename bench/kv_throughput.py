@@ -44,8 +44,12 @@ def _ns(nbytes: int) -> Namespace:
                      block_tokens=16)  # fmt: skip
 
 
-def _timed(fn: Callable[[], None], nbytes: int, min_s: float, min_iters: int = 3) -> float:
+MIN_ITERS = 3  # timed calls at least (1 with --quick, where 16 MiB baselines are slow)
+
+
+def _timed(fn: Callable[[], None], nbytes: int, min_s: float) -> float:
     """GB/s of ``fn`` moving ``nbytes`` per call, repeated for at least ``min_s`` seconds."""
+    min_iters = MIN_ITERS
     fn()  # warm-up
     n, t0 = 0, time.perf_counter()
     while True:
@@ -222,7 +226,9 @@ def start_daemon(tmp: Path, dram: str) -> tuple[subprocess.Popen[bytes], str]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    min_s = 0.4 if args.quick else 1.5
+    global MIN_ITERS
+    MIN_ITERS = 1 if args.quick else 3
+    min_s = 0.25 if args.quick else 1.5
     sizes = SIZES
     res: dict[str, Any] = {
         "machine": f"{os.cpu_count()} cores",
@@ -234,7 +240,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         proc = None
         sock = args.socket
         if sock is None:
-            proc, sock = start_daemon(tmp, "1GiB")
+            proc, sock = start_daemon(tmp, "768MiB" if args.quick else "1GiB")
         try:
             with Client(sock, name="bench", timeout=60) as c:
                 for label, size in sizes.items():
