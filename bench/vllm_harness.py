@@ -121,7 +121,9 @@ def _engine(spec: dict[str, Any]) -> dict[str, Any]:
             "seconds": dt,
         }
         if kv is not None and kv.get("stats_dir"):
-            from kvstore.integrations.vllm_core import read_counters
+            from kvstore.integrations.vllm_transfer import (
+                read_counters,
+            )
 
             # The connectors flush their counters at the end of each engine step.
             step["counters"] = read_counters(kv["stats_dir"])

@@ -53,18 +53,20 @@ from kvstore._wire import default_socket
 from kvstore.client import Client
 from kvstore.errors import DaemonUnavailable, KVStoreError
 from kvstore.integrations.vllm_core import (
-    BlockClient,
     BlockTransfer,
-    ConnectorCounters,
     ConnectorOptions,
     ConnectorPlan,
-    DaemonLink,
     PagedBlocks,
     PrefixPlanner,
-    check_block_nbytes,
-    load_blocks,
     namespace_for,
     order_layers,
+)
+from kvstore.integrations.vllm_transfer import (
+    BlockClient,
+    ConnectorCounters,
+    DaemonLink,
+    check_block_nbytes,
+    load_blocks,
     save_blocks,
 )
 from kvstore.keys import BlockKey, Namespace

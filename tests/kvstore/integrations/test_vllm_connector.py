@@ -14,7 +14,14 @@ from typing import Any
 import pytest
 import torch
 
-from kvstore.integrations.vllm_core import BlockTransfer, DaemonLink, PagedBlocks, save_blocks
+from kvstore.integrations.vllm_core import (
+    BlockTransfer,
+    PagedBlocks,
+)
+from kvstore.integrations.vllm_transfer import (
+    DaemonLink,
+    save_blocks,
+)
 from tests.kvstore.integrations.fakes import FakeClient
 
 pytestmark = [

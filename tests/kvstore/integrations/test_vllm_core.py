@@ -14,16 +14,18 @@ import torch
 from kvstore.errors import DaemonUnavailable, ResourceExhausted
 from kvstore.integrations.vllm_core import (
     BlockTransfer,
-    ConnectorCounters,
     ConnectorOptions,
-    DaemonLink,
     PagedBlocks,
     PrefixPlanner,
-    check_block_nbytes,
     kv_dtype_name,
-    load_blocks,
     namespace_for,
     order_layers,
+)
+from kvstore.integrations.vllm_transfer import (
+    ConnectorCounters,
+    DaemonLink,
+    check_block_nbytes,
+    load_blocks,
     read_counters,
     save_blocks,
     transfer_keys,

@@ -82,7 +82,9 @@ def runs(scenario: Scenario) -> dict[str, Any]:
     kvstore serves B, and an engine whose connector finds no daemon serves B.
     """
     from kvstore import Client
-    from kvstore.integrations.vllm_core import read_counters
+    from kvstore.integrations.vllm_transfer import (
+        read_counters,
+    )
 
     (scenario.root / "daemon").mkdir()
     d = DaemonProc(scenario.root / "daemon", DAEMON_CONFIG)
