@@ -11,7 +11,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from kvstore.config import Config, ConfigError, TierConfig, load_config, parse_size
+from kvstore.config import (
+    Config,
+    ConfigError,
+    TierConfig,
+    default_nvme_bytes,
+    load_config,
+    parse_size,
+)
 from kvstore.errors import KVStoreError
 
 CONFIG_HELP = """\
@@ -31,6 +38,8 @@ Configuration (TOML, --config FILE); flags override the file.  Every field:
   shutdown_grace_s = 5.0   # SIGTERM: seconds to let calls in flight finish
   persist_on_shutdown = false  # SIGTERM: write DRAM-only blocks to the persistent tier
 
+  # Without a [[tiers]] table: dram (1/8 of available memory) over nvme (1/4 of the
+  # free disk, 1-64 GiB) in DATA_DIR/nvme.
   [[tiers]]                # ordered, fastest first; exactly one kind = "dram" (the arena)
   name = "dram"
   kind = "dram"            # dram | cxl | nvme | gpu (see `kvstore serve --list-kinds`)
@@ -74,7 +83,8 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--tcp", help="also listen on HOST:PORT (server.tcp)")
     p.add_argument("--data-dir", help="data directory (data_dir)")
     p.add_argument("--dram", help="DRAM arena capacity, e.g. 2GiB (tiers.dram.capacity)")
-    p.add_argument("--nvme", help="add an NVMe tier of this capacity, e.g. 64GiB")
+    p.add_argument("--nvme", help="NVMe tier capacity, e.g. 64GiB (adds the tier if missing)")
+    p.add_argument("--no-nvme", action="store_true", help="run with no NVMe tier (DRAM only)")
     p.add_argument("--nvme-path", help="folder of the NVMe tier (default DATA_DIR/nvme)")
     p.add_argument("--policy", help="eviction policy of every tier")
     p.add_argument("--metrics-port", type=int, help="Prometheus port (server.metrics_port)")
@@ -108,10 +118,20 @@ def build_config(args: argparse.Namespace) -> Config:
     if args.dram:
         dram = next(t for t in cfg.tiers if t.kind == "dram")
         dram.capacity = parse_size(args.dram, "--dram")
-    if args.nvme:
-        opts = {"path": args.nvme_path} if args.nvme_path else {}
+    if args.no_nvme:
         cfg.tiers = [t for t in cfg.tiers if t.kind != "nvme"]
-        cfg.tiers.append(TierConfig("nvme", "nvme", parse_size(args.nvme, "--nvme"), options=opts))
+    elif args.nvme or args.nvme_path:
+        old = next((t for t in cfg.tiers if t.kind == "nvme"), None)
+        opts = dict(old.options) if old else {}
+        if args.nvme_path:
+            opts["path"] = args.nvme_path
+        if args.nvme:
+            cap = parse_size(args.nvme, "--nvme")
+        else:
+            cap = old.capacity if old else default_nvme_bytes()
+        keep = {"policy": old.policy, "admission": old.admission} if old else {}
+        cfg.tiers = [t for t in cfg.tiers if t.kind != "nvme"]
+        cfg.tiers.append(TierConfig("nvme", "nvme", cap, options=opts, **keep))
     if args.policy:
         for t in cfg.tiers:
             t.policy = args.policy

@@ -110,8 +110,20 @@ class TierConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+def default_nvme_bytes() -> int:
+    """A quarter of the free space under the home folder, between 1 GiB and 64 GiB."""
+    import shutil
+
+    free = shutil.disk_usage(Path.home() if Path.home().exists() else Path("/")).free
+    return int(min(max(free // 4, 1 << 30), 64 << 30)) & ~((1 << 20) - 1)
+
+
 def _default_tiers() -> list[TierConfig]:
-    return [TierConfig(name="dram", kind="dram", capacity=default_dram_bytes())]
+    """DRAM sized from free memory over an NVMe tier in ``<data_dir>/nvme``."""
+    return [
+        TierConfig(name="dram", kind="dram", capacity=default_dram_bytes()),
+        TierConfig(name="nvme", kind="nvme", capacity=default_nvme_bytes()),
+    ]
 
 
 @dataclass(slots=True)

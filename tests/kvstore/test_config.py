@@ -26,6 +26,27 @@ def test_defaults_validate() -> None:
     cfg = load_config(None)
     assert cfg.server.socket.endswith("kvstore.sock")
     assert cfg.tiers[0].kind == "dram" and cfg.tiers[0].capacity >= 256 << 20
+    # The embedded default puts an NVMe tier in a local folder under the DRAM arena.
+    assert cfg.tiers[1].kind == "nvme" and cfg.tiers[1].capacity >= 1 << 30
+
+
+def test_nvme_flags(tmp_path: Path) -> None:
+    from kvstore.cli import build_config
+
+    def cfg(*argv: str) -> list[tuple[str, int, dict]]:
+        import argparse
+
+        p = argparse.ArgumentParser()
+        sub = p.add_subparsers()
+        from kvstore.cli import _serve_parser
+
+        _serve_parser(sub)
+        c = build_config(p.parse_args(["serve", *argv]))
+        return [(t.kind, t.capacity, t.options) for t in c.tiers]
+
+    assert [k for k, _, _ in cfg("--no-nvme")] == ["dram"]
+    kinds = cfg("--nvme", "2GiB", "--nvme-path", str(tmp_path))
+    assert kinds[1] == ("nvme", 2 << 30, {"path": str(tmp_path)})
 
 
 @pytest.mark.parametrize(
@@ -93,8 +114,10 @@ def test_serve_help_and_bad_config_exit_codes(tmp_path: Path) -> None:
     assert main(["serve", "--config", str(tmp_path / "missing.toml")]) == 2
 
 
-def test_socket_in_use_is_a_clear_error(daemon: DaemonProc, capsys: pytest.CaptureFixture) -> None:
-    rc = main(["serve", "--socket", daemon.socket, "--dram", "64MiB"])
+def test_socket_in_use_is_a_clear_error(
+    daemon: DaemonProc, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    rc = main(["serve", "--socket", daemon.socket, "--dram", "64MiB", "--data-dir", str(tmp_path)])
     assert rc == 2
     assert "already serving" in capsys.readouterr().err
     assert Path(daemon.socket).is_socket()  # the running daemon's socket is left alone
