@@ -5,13 +5,10 @@ builds two synthetic transformer-shaped bf16 models (or takes real safetensors p
 ingests them into a fresh store, starts a Models daemon in a subprocess and measures
 in one run, on the same bytes:
 
-* raw: the disk's direct (O_DIRECT) read of the model's bytes, the limit;
-* cold load: page cache dropped, model not resident -> usable tensors in the client;
-* warm load: model resident in the daemon's DRAM -> usable tensors in a new mapping;
-* swap A->B with B resident in DRAM, and with B only on NVMe (cache dropped);
-* peers, cold: ``safetensors.torch.load_file``, ``torch.load`` of a .pt of the same
-  tensors, Run:ai Model Streamer (when it imports);
-* memcpy of warm pages (the limit for warm loads).
+the disk's raw direct read (the limit); cold load (cache dropped) and warm load
+(resident) to usable tensors; swap A->B with B in DRAM and on NVMe; cold peers
+(``safetensors.torch.load_file``, ``torch.load``, Run:ai Model Streamer when it
+imports); memcpy of warm pages (the limit for warm loads).
 
 "Usable" means every page of every tensor is mapped/read: each method's result is
 touched (one read per 4 KiB page) inside its timing, so lazy mmaps count their I/O.
