@@ -30,6 +30,11 @@ class LookupResult:
     tiers: list[str]
 
 
+def lookup_result(resp: Any) -> LookupResult:
+    names = list(resp.tier_names)
+    return LookupResult(resp.num_cached, list(map(names.__getitem__, resp.tier_index)))
+
+
 @dataclass(slots=True)
 class Allocation:
     key: bytes

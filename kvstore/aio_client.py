@@ -145,8 +145,7 @@ class AsyncClient:
 
     async def lookup(self, keys: Sequence[bytes]) -> LookupResult:
         resp = await self._rpc("Lookup", lambda sid: pb.LookupRequest(session_id=sid, keys=keys))
-        names = list(resp.tier_names)
-        return LookupResult(resp.num_cached, [names[i] for i in resp.tier_index])
+        return w.lookup_result(resp)
 
     async def allocate(
         self,

@@ -260,8 +260,7 @@ class Client:
     def lookup(self, keys: Sequence[bytes]) -> LookupResult:
         """Length of the longest cached prefix of the chain ``keys`` and each hit's tier."""
         resp = self._rpc("Lookup", lambda sid: pb.LookupRequest(session_id=sid, keys=keys))
-        names = list(resp.tier_names)
-        return LookupResult(resp.num_cached, [names[i] for i in resp.tier_index])
+        return w.lookup_result(resp)
 
     def allocate(
         self,

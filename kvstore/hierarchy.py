@@ -42,6 +42,7 @@ class Hierarchy:
         self.n = len(self.levels)
         self.write_level = write_level
         self.index: dict[bytes, BlockEntry] = {}
+        self.ready: dict[bytes, BlockEntry] = {}  # the READY part of index (Lookup's path)
         self.clock = 0
         self.counters = Counters(hits_by_tier=[0] * self.n, evictions_by_tier=[0] * self.n)
         # Only admissions that override the hook see references (saves a call per
@@ -60,24 +61,14 @@ class Hierarchy:
 
     def lookup(self, keys: Sequence[bytes]) -> list[BlockEntry]:
         """The longest prefix of ``keys`` that is committed, as entries (no pinning)."""
-        c = self.counters
-        c.lookups += 1
-        c.lookup_blocks += len(keys)
-        out: list[BlockEntry] = []
-        index = self.index
-        for k in keys:
-            e = index.get(k)
-            if e is None or e.state != READY:
-                break
-            out.append(e)
-        c.lookup_hit_blocks += len(out)
-        hbt = c.hits_by_tier
-        for e in out:
-            hbt[e.top] += 1
+        out = list(map(self.ready.get, keys))  # C-level: several times a Python loop
+        if None in out:
+            del out[out.index(None) :]
+        self.counters.note_lookup(len(keys), out)  # type: ignore[arg-type]
         for hook in self._ref_hooks:
             for e in out:
-                hook(e)
-        return out
+                hook(e)  # type: ignore[arg-type]
+        return out  # type: ignore[return-value]  # no None left
 
     # ------------------------------------------------------------------ writes
     def allocate(
@@ -169,7 +160,7 @@ class Hierarchy:
         """Make pending blocks of ``owner`` visible to readers."""
         out: list[Status] = []
         done: list[BlockEntry] = []
-        get = self.index.get
+        get, ready = self.index.get, self.ready
         ok = Status.OK  # enum member lookups are slow; once per call
         nsums = len(checksums)
         for i, k in enumerate(keys):
@@ -182,6 +173,7 @@ class Hierarchy:
                 out.append(Status.NOT_OWNER)
             else:
                 e.state = READY
+                ready[k] = e
                 e.owner = 0
                 e.checksum = int(checksums[i]) if i < nsums else 0
                 done.append(e)
@@ -391,6 +383,7 @@ class Hierarchy:
                         v.parent = None
                     if index.get(v.key) is v:
                         del index[v.key]
+                        self.ready.pop(v.key, None)
                     c.evictions_by_tier[t] += 1
                     c.dropped += 1
                 elif not evict(v, t):
@@ -532,6 +525,7 @@ class Hierarchy:
             e.children = None
         if self.index.get(e.key) is e:
             del self.index[e.key]
+            self.ready.pop(e.key, None)
 
     def _drop_all(self, e: BlockEntry) -> None:
         for t in range(self.n):
@@ -561,7 +555,7 @@ class Hierarchy:
                         state=READY,
                         checksum=rb.checksum,
                     )
-                    self.index[rb.key] = e
+                    self.index[rb.key] = self.ready[rb.key] = e
                     self._link(e)
                     n += 1
                 if e.locs[t] is None:

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
 import grpc
@@ -38,6 +39,9 @@ class _Abort(Exception):
         super().__init__(msg)
         self.code = code
         self.msg = msg
+
+
+_TOP = attrgetter("top")
 
 
 def _fail(code: grpc.StatusCode, msg: str) -> NoReturn:
@@ -188,7 +192,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         hits = self.h.lookup(keys)
         return pb.LookupResponse(
             num_cached=len(hits),
-            tier_index=[e.top for e in hits],
+            tier_index=list(map(_TOP, hits)),
             keys=computed,
             tier_names=[lv.tier.name for lv in self.h.levels],
         )

@@ -107,6 +107,7 @@ def test_abort_frees_room() -> None:
     h = make([2])
     a = chain(1, 2)
     h.allocate(7, NS.digest(), B, None, a)
+    assert h.lookup(a) == [] and not h.ready  # pending blocks are invisible
     assert h.abort(7, a) == 2
     assert h.levels[0].tier.used_bytes == 0
     assert not h.index
@@ -118,7 +119,8 @@ def test_delete_chain_any_order() -> None:
     put(h, a)
     assert h.delete([a[0]]) == [Status.HAS_CHILDREN]
     assert h.delete(list(reversed(a))) == [Status.OK] * 3
-    assert not h.index and h.levels[0].tier.used_bytes == 0
+    assert not h.index and not h.ready and h.levels[0].tier.used_bytes == 0
+    assert h.lookup(a) == []
 
 
 def test_dedup_present() -> None:

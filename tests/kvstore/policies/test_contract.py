@@ -138,6 +138,8 @@ def test_through_hierarchy_tail_first_and_capacity(name: str, hint: int) -> None
         h.release(pinned)
         assert h.levels[0].tier.used_bytes <= cap * B
         assert len(h.levels[0].policy) == len(h.index) <= cap
+        # Lookup's fast path reads ``ready``: exactly the committed entries of the index.
+        assert h.ready == {k: e for k, e in h.index.items() if e.state == READY}
         for e in h.index.values():  # prefix-closed: every cached block's parent is cached
             if e.depth > 0:
                 assert e.parent is not None and h.index.get(e.parent.key) is e.parent

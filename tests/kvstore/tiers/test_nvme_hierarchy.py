@@ -84,7 +84,7 @@ def test_restart_recovers_chains(tmp_path: Path) -> None:
     h2 = build(tmp_path / "t", dram_blocks=4)
     try:
         assert h2.recover() == len(on_nvme)
-        assert set(h2.index) == on_nvme
+        assert set(h2.index) == on_nvme == set(h2.ready)
         for k in on_nvme:
             e = h2.get(k)
             assert e is not None and e.top == 1 and e.nbytes == NB and e.checksum
