@@ -16,7 +16,7 @@ import xxhash
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore.errors import DaemonUnavailable, InvalidArgument
 from kvstore.hierarchy import Status
-from kvstore.keys import Namespace
+from kvstore.keys import KEY_BYTES, Namespace
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
@@ -30,9 +30,21 @@ class LookupResult:
     tiers: list[str]
 
 
+def lookup_req(sid: int, keys: Sequence[bytes]) -> Any:
+    """A Lookup in the packed form (one bytes field: no per-key protobuf element)."""
+    if set(map(len, keys)) - {KEY_BYTES}:
+        i, k = next((i, k) for i, k in enumerate(keys) if len(k) != KEY_BYTES)
+        raise InvalidArgument(
+            f"keys[{i}] is {len(k)} bytes; block keys are {KEY_BYTES} bytes "
+            "(compute them with kvstore.keys)"
+        )
+    return pb.LookupRequest(session_id=sid, packed_keys=b"".join(keys))
+
+
 def lookup_result(resp: Any) -> LookupResult:
     names = list(resp.tier_names)
-    return LookupResult(resp.num_cached, list(map(names.__getitem__, resp.tier_index)))
+    tiers = resp.tier_bytes or resp.tier_index  # iterating bytes yields ints
+    return LookupResult(resp.num_cached, list(map(names.__getitem__, tiers)))
 
 
 @dataclass(slots=True)

@@ -144,7 +144,7 @@ class AsyncClient:
         return bytes(resp.namespace_id)
 
     async def lookup(self, keys: Sequence[bytes]) -> LookupResult:
-        resp = await self._rpc("Lookup", lambda sid: pb.LookupRequest(session_id=sid, keys=keys))
+        resp = await self._rpc("Lookup", lambda sid: w.lookup_req(sid, keys))
         return w.lookup_result(resp)
 
     async def allocate(

@@ -259,7 +259,7 @@ class Client:
     # ------------------------------------------------------------------ low level
     def lookup(self, keys: Sequence[bytes]) -> LookupResult:
         """Length of the longest cached prefix of the chain ``keys`` and each hit's tier."""
-        resp = self._rpc("Lookup", lambda sid: pb.LookupRequest(session_id=sid, keys=keys))
+        resp = self._rpc("Lookup", lambda sid: w.lookup_req(sid, keys))
         return w.lookup_result(resp)
 
     def allocate(

@@ -21,7 +21,7 @@ from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.entry import PENDING, READY
 from kvstore.hierarchy import Status
-from kvstore.keys import KEY_BYTES, KeyInputError, Namespace
+from kvstore.keys import KEY_BYTES, KeyInputError, Namespace, unpack_keys
 from kvstore.sessions import Session
 
 if TYPE_CHECKING:
@@ -181,20 +181,34 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     def _lookup(self, request: pb.LookupRequest) -> Any:
         self._session(request.session_id)
         computed: list[bytes] = []
+        packed = request.packed_keys
+        if sum(map(bool, (request.token_ids, request.keys, packed))) > 1:
+            _fail(grpc.StatusCode.INVALID_ARGUMENT, "give one of keys, packed_keys or token_ids")
         if request.token_ids:
-            if request.keys:
-                _fail(grpc.StatusCode.INVALID_ARGUMENT, "give keys or token_ids, not both")
             ns = self._namespace(request.namespace_id)
             computed = list(ns.block_keys(np.asarray(request.token_ids, dtype=np.uint32)))
             keys = self._keys(computed, unique=False)
+        elif packed:
+            if len(packed) % KEY_BYTES:
+                _fail(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"packed_keys is {len(packed)} bytes, not a multiple of the "
+                    f"{KEY_BYTES}-byte key size",
+                )
+            keys = self._keys(unpack_keys(packed), "packed_keys", unique=False)
         else:
             keys = self._keys(request.keys, unique=False)
         hits = self.h.lookup(keys)
+        names = [lv.tier.name for lv in self.h.levels]
+        if packed:  # the tiers as one byte each: no per-block protobuf element
+            return pb.LookupResponse(
+                num_cached=len(hits), tier_bytes=bytes(map(_TOP, hits)), tier_names=names
+            )
         return pb.LookupResponse(
             num_cached=len(hits),
             tier_index=list(map(_TOP, hits)),
             keys=computed,
-            tier_names=[lv.tier.name for lv in self.h.levels],
+            tier_names=names,
         )
 
     # ------------------------------------------------------------------ writes

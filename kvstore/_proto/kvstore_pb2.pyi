@@ -152,28 +152,32 @@ class Slot(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("session_id", "keys", "namespace_id", "token_ids")
+    __slots__ = ("session_id", "keys", "namespace_id", "token_ids", "packed_keys")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_KEYS_FIELD_NUMBER: _ClassVar[int]
     session_id: int
     keys: _containers.RepeatedScalarFieldContainer[bytes]
     namespace_id: bytes
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[int] = ..., keys: _Optional[_Iterable[bytes]] = ..., namespace_id: _Optional[bytes] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    packed_keys: bytes
+    def __init__(self, session_id: _Optional[int] = ..., keys: _Optional[_Iterable[bytes]] = ..., namespace_id: _Optional[bytes] = ..., token_ids: _Optional[_Iterable[int]] = ..., packed_keys: _Optional[bytes] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("num_cached", "tier_index", "keys", "tier_names")
+    __slots__ = ("num_cached", "tier_index", "keys", "tier_names", "tier_bytes")
     NUM_CACHED_FIELD_NUMBER: _ClassVar[int]
     TIER_INDEX_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     TIER_NAMES_FIELD_NUMBER: _ClassVar[int]
+    TIER_BYTES_FIELD_NUMBER: _ClassVar[int]
     num_cached: int
     tier_index: _containers.RepeatedScalarFieldContainer[int]
     keys: _containers.RepeatedScalarFieldContainer[bytes]
     tier_names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, num_cached: _Optional[int] = ..., tier_index: _Optional[_Iterable[int]] = ..., keys: _Optional[_Iterable[bytes]] = ..., tier_names: _Optional[_Iterable[str]] = ...) -> None: ...
+    tier_bytes: bytes
+    def __init__(self, num_cached: _Optional[int] = ..., tier_index: _Optional[_Iterable[int]] = ..., keys: _Optional[_Iterable[bytes]] = ..., tier_names: _Optional[_Iterable[str]] = ..., tier_bytes: _Optional[bytes] = ...) -> None: ...
 
 class AllocateRequest(_message.Message):
     __slots__ = ("session_id", "namespace_id", "block_nbytes", "parent_key", "keys", "first_depth")

@@ -140,6 +140,14 @@ def test_malformed_keys(daemon: DaemonProc, stub: tuple) -> None:
     assert _code(s.Allocate, bad_parent)[0] == grpc.StatusCode.INVALID_ARGUMENT
     code, _ = _code(s.Commit, pb.CommitRequest(session_id=sid, keys=[k], checksums=[1, 2]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
+    # The packed Lookup form: a ragged length, or two forms at once.
+    code, msg = _code(s.Lookup, pb.LookupRequest(session_id=sid, packed_keys=k + b"\1" * 31))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "multiple of the 32-byte" in msg
+    code, msg = _code(s.Lookup, pb.LookupRequest(session_id=sid, packed_keys=k, keys=[k]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "one of keys, packed_keys" in msg
+    # The client checks each key before packing (31 + 33 bytes would pack to 64).
+    with Client(daemon.socket) as c, pytest.raises(InvalidArgument, match=r"keys\[0\] is 31"):
+        c.lookup([b"\1" * 31, b"\2" * 33])
     _still_serving(daemon)
 
 

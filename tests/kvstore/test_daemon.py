@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 
 from kvstore import Client, Namespace
+from kvstore._proto import kvstore_pb2 as pb
 from tests.kvstore.conftest import DaemonProc
 from tests.kvstore.helpers import NS, blocks_for, content, run_client
+
+
+def longer_keys(tokens: np.ndarray) -> list[bytes]:
+    """The keys of ``tokens`` followed by one block that is not cached."""
+    return [*NS.block_keys(tokens), b"\xee" * 32]
 
 
 def test_store_in_one_process_load_in_another(daemon: DaemonProc) -> None:
@@ -31,6 +37,9 @@ def test_store_in_one_process_load_in_another(daemon: DaemonProc) -> None:
     with Client(daemon.socket, name="reader") as c:
         assert c.lookup_tokens(NS, tokens) == 128
         assert c.lookup(NS.block_keys(tokens)).tiers == ["dram"] * 8
+        # The repeated-keys form (other clients) answers like the client's packed form.
+        raw = c._stub.Lookup(pb.LookupRequest(session_id=c.session_id, keys=longer_keys(tokens)))
+        assert (raw.num_cached, list(raw.tier_index), raw.tier_bytes) == (8, [0] * 8, b"")
         # A longer prompt sharing the prefix hits the same 8 blocks.
         longer = np.concatenate([tokens[:128], np.arange(5000, 5100)])
         assert c.lookup_tokens(NS, longer) == 128

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from kvstore.keys import KEY_BYTES, KeyInputError, Namespace, block_key
+from kvstore.keys import KEY_BYTES, KeyInputError, Namespace, block_key, unpack_keys
 from tests.kvstore.helpers import ROOT
 
 NS = Namespace("llama", num_layers=4, num_kv_heads=2, head_dim=64, block_tokens=16)
@@ -101,3 +101,11 @@ def test_block_nbytes_and_roundtrip() -> None:
     salted = Namespace("m", num_layers=1, num_kv_heads=1, head_dim=1, block_tokens=1,
                        tenant_salt=b"\x00\xff")  # fmt: skip
     assert Namespace.from_dict(salted.to_dict()).digest() == salted.digest()
+
+
+def test_unpack_keys_keeps_trailing_zero_bytes() -> None:
+    keys = [b"\1" * 31 + b"\0", b"\0" * 32, bytes(range(32))]
+    assert unpack_keys(b"".join(keys)) == keys
+    assert unpack_keys(b"") == []
+    with pytest.raises(KeyInputError, match="whole number"):
+        unpack_keys(b"\1" * 33)
