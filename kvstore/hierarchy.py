@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 from kvstore.entry import PENDING, READY, BlockEntry
-from kvstore.hierarchy_types import Counters, Level, Status
+from kvstore.hierarchy_types import TOP, Counters, Level, Status
 from kvstore.policies import AdmissionPolicy
 from kvstore.tiers.base import ChecksumMismatch, Handle, Tier, TierIOError
 
@@ -61,14 +61,19 @@ class Hierarchy:
 
     def lookup(self, keys: Sequence[bytes]) -> list[BlockEntry]:
         """The longest prefix of ``keys`` that is committed, as entries (no pinning)."""
+        return self.lookup_tiers(keys)[0]
+
+    def lookup_tiers(self, keys: Sequence[bytes]) -> tuple[list[BlockEntry], bytes]:
+        """``lookup`` plus the tier of each hit, one byte each (what Lookup answers)."""
         out = list(map(self.ready.get, keys))  # C-level: several times a Python loop
         if None in out:
             del out[out.index(None) :]
-        self.counters.note_lookup(len(keys), out)  # type: ignore[arg-type]
+        tops = bytes(map(TOP, out))
+        self.counters.note_lookup(len(keys), tops)
         for hook in self._ref_hooks:
             for e in out:
                 hook(e)  # type: ignore[arg-type]
-        return out  # type: ignore[return-value]  # no None left
+        return out, tops  # type: ignore[return-value]  # no None left
 
     # ------------------------------------------------------------------ writes
     def allocate(

@@ -9,15 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import IntEnum
 from operator import attrgetter
-from typing import TYPE_CHECKING
 
 from kvstore.policies import ADMISSIONS, POLICIES, AdmissionPolicy, EvictionPolicy
 from kvstore.tiers.base import Tier
 
-if TYPE_CHECKING:
-    from kvstore.entry import BlockEntry
-
-_TOP = attrgetter("top")
+TOP = attrgetter("top")  # an entry's fastest tier, in C
 
 
 class Status(IntEnum):
@@ -76,12 +72,11 @@ class Counters:
     hits_by_tier: list[int] = field(default_factory=list)
     evictions_by_tier: list[int] = field(default_factory=list)
 
-    def note_lookup(self, n_keys: int, hits: list[BlockEntry]) -> None:
-        """Counts one lookup of ``n_keys`` keys whose cached prefix is ``hits``."""
+    def note_lookup(self, n_keys: int, tops: bytes) -> None:
+        """Counts one lookup of ``n_keys`` keys; ``tops``: the tier of each hit."""
         self.lookups += 1
         self.lookup_blocks += n_keys
-        self.lookup_hit_blocks += len(hits)
-        tops = list(map(_TOP, hits))
+        self.lookup_hit_blocks += len(tops)
         hbt = self.hits_by_tier
         for t in range(len(hbt)):
             hbt[t] += tops.count(t)

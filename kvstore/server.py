@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
-from operator import attrgetter
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
 import grpc
@@ -39,9 +38,6 @@ class _Abort(Exception):
         super().__init__(msg)
         self.code = code
         self.msg = msg
-
-
-_TOP = attrgetter("top")
 
 
 def _fail(code: grpc.StatusCode, msg: str) -> NoReturn:
@@ -77,7 +73,10 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             )
         return s
 
-    def _keys(self, keys: Sequence[bytes], field: str = "keys", unique: bool = True) -> list[bytes]:
+    def _keys(
+        self, keys: Sequence[bytes], field: str = "keys", unique: bool = True, sized: bool = False
+    ) -> list[bytes]:
+        """Validated keys.  ``sized``: every key is known to be KEY_BYTES long already."""
         limit = self.d.cfg.server.max_keys_per_request
         if len(keys) > limit:
             _fail(
@@ -86,7 +85,9 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                 "(server.max_keys_per_request): split the batch",
             )
         out = list(keys)
-        if set(map(len, out)) - {KEY_BYTES}:  # one C-level pass; find the culprit only on error
+        if not sized and set(map(len, out)) - {
+            KEY_BYTES
+        }:  # one C-level pass; find the culprit only on error
             i, k = next((i, k) for i, k in enumerate(out) if len(k) != KEY_BYTES)
             _fail(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -195,18 +196,16 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                     f"packed_keys is {len(packed)} bytes, not a multiple of the "
                     f"{KEY_BYTES}-byte key size",
                 )
-            keys = self._keys(unpack_keys(packed), "packed_keys", unique=False)
+            keys = self._keys(unpack_keys(packed), "packed_keys", unique=False, sized=True)
         else:
             keys = self._keys(request.keys, unique=False)
-        hits = self.h.lookup(keys)
+        hits, tops = self.h.lookup_tiers(keys)
         names = [lv.tier.name for lv in self.h.levels]
         if packed:  # the tiers as one byte each: no per-block protobuf element
-            return pb.LookupResponse(
-                num_cached=len(hits), tier_bytes=bytes(map(_TOP, hits)), tier_names=names
-            )
+            return pb.LookupResponse(num_cached=len(hits), tier_bytes=tops, tier_names=names)
         return pb.LookupResponse(
             num_cached=len(hits),
-            tier_index=list(map(_TOP, hits)),
+            tier_index=list(tops),
             keys=computed,
             tier_names=names,
         )
