@@ -67,6 +67,30 @@ def scan(
     look_ahead(it, n, evictable, out)
 
 
+def first_victim(
+    queue: OrderedDict[BlockEntry, None],
+    evictable: Callable[[BlockEntry], bool],
+    limit: int = -1,
+) -> BlockEntry | None:
+    """``scan`` for one victim: the first evictable entry of ``queue`` from its cold
+    end, or ``None``; the entries passed over are rotated to the hot end (at most
+    ``limit`` of them when ``limit`` >= 0, as in :func:`scan`)."""
+    skipped: list[BlockEntry] = []
+    found = None
+    for e in queue:
+        if evictable(e):
+            found = e
+            break
+        skipped.append(e)
+        if len(skipped) == limit:
+            break
+    if skipped:
+        move = queue.move_to_end
+        for e in skipped:
+            move(e)
+    return found
+
+
 def look_ahead(
     it: Iterator[BlockEntry],
     n: int,

@@ -12,7 +12,7 @@ hierarchy (the daemon's event loop, or the trace replay); policies take no locks
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, ClassVar
 
 from kvstore.registry import Registry
@@ -62,6 +62,22 @@ class EvictionPolicy(ABC):
         the hierarchy simply asks again.  Returns none only when no resident entry
         is evictable.
         """
+
+    def stream_victims(self, evictable: Callable[[BlockEntry], bool]) -> Iterator[BlockEntry]:
+        """Victims one at a time, best first, for a caller that makes room block by block.
+
+        The caller evicts each victim (so ``on_remove`` is called for it), or makes
+        ``evictable`` false for it, before it asks for the next one: each is chosen
+        in the state left by the previous one, so a victim's parent can follow it.
+        Names the same entries as ``victims(1, evictable)`` called again each time;
+        ends when no resident entry is evictable.  Policies override it for speed
+        (one generator for a whole pass instead of a call per victim).
+        """
+        while True:
+            v = self.victims(1, evictable)
+            if not v:
+                return
+            yield v[0]
 
     @abstractmethod
     def __len__(self) -> int:

@@ -38,10 +38,10 @@ first time the tier is full.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from kvstore.policies._util import look_ahead, scan
+from kvstore.policies._util import first_victim, look_ahead, scan
 from kvstore.policies.base import POLICIES, EvictionPolicy
 
 if TYPE_CHECKING:
@@ -219,6 +219,33 @@ class ChainPolicy(EvictionPolicy):
             else:
                 scan(first, n, lambda e: e not in named and evictable(e), out)
         return out
+
+    def stream_victims(self, evictable: Callable[[BlockEntry], bool]) -> Iterator[BlockEntry]:
+        # victims(1, ...) as a generator: with n = 1 it names the first evictable
+        # entry of ``first`` (within SCAN_LIMIT), else of ``second``, else of ``first``.
+        meta = self._meta
+        win, main = self._segs
+        while meta:
+            held, cap = len(meta), self.capacity_blocks
+            if 2 * held < cap or held > 2 * cap:
+                self._rescale(max(1, held))
+            if self._lru_mode and main and win:
+                older = meta[next(iter(main))][3] < meta[next(iter(win))][3]
+                first, second = (main, win) if older else (win, main)
+            elif len(win) > self._window or not main:
+                first, second = win, main
+            else:
+                first, second = main, win
+            head = next(iter(first))
+            if evictable(head):  # the common case: the cold end itself
+                yield head
+                continue
+            v = first_victim(first, evictable, SCAN_LIMIT)
+            if v is None:
+                v = first_victim(second, evictable) or first_victim(first, evictable)
+                if v is None:
+                    return
+            yield v
 
     def __len__(self) -> int:
         return len(self._meta)

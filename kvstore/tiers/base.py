@@ -187,3 +187,18 @@ class NullTier(Tier):
 
     def free(self, handle: Handle) -> None:
         self._used -= handle
+
+
+def copy_block(e: BlockEntry, src_t: Tier, hs: Handle, dst_t: Tier, hd: Handle) -> None:
+    """Copies the bytes of ``e`` from ``src_t`` (at ``hs``) to ``dst_t`` (at ``hd``),
+    in place when one side is host-mapped (the hierarchy's demotions and promotions)."""
+    if not (src_t.stores_bytes and dst_t.stores_bytes):
+        dst_t.write(hd, e, None)
+    elif dst_t.host_mapped:
+        src_t.read_into(hs, e, dst_t.view(hd))
+    elif src_t.host_mapped:
+        dst_t.write(hd, e, src_t.view(hs))
+    else:
+        buf = memoryview(bytearray(e.nbytes))
+        src_t.read_into(hs, e, buf)
+        dst_t.write(hd, e, buf)

@@ -158,3 +158,40 @@ def test_pinned_chain_is_never_named(name: str) -> None:
     assert st == [Status.NEW, Status.NEW, Status.NO_SPACE] or Status.NO_SPACE in st
     assert all(h.get(k) is not None for k in a)
     h.release([e for e in got if e is not None])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_stream_victims_matches_victims_of_one(name: str) -> None:
+    # Two policies fed alike: one asked victims(1) again after each removal, the
+    # other's stream read one victim at a time, each removed before the next.
+    rng = random.Random(3)
+    ps = [make_policy(name, 40), make_policy(name, 40)]
+    roots: list[BlockEntry] = []
+    es: list[BlockEntry] = []
+    for i in range(60):
+        parent = rng.choice(roots) if roots and rng.random() < 0.5 else None
+        e = entry(i, parent)
+        (roots if parent is None else es).append(e)
+        for p in ps:
+            p.on_insert(e)
+    for e in rng.sample(roots + es, 30):
+        for p in ps:
+            p.on_access(e)
+    protected = set(rng.sample(roots + es, 15))
+    gone: set[BlockEntry] = set()
+
+    def ok(e: BlockEntry) -> bool:
+        return e not in protected and e not in gone
+
+    got: list[list[BlockEntry]] = [[], []]
+    while v := ps[0].victims(1, ok):
+        got[0].append(v[0])
+        ps[0].on_remove(v[0])
+        gone.add(v[0])
+    gone.clear()
+    for v2 in ps[1].stream_victims(ok):
+        got[1].append(v2)
+        ps[1].on_remove(v2)
+        gone.add(v2)
+    assert got[0] == got[1]
+    assert len(got[0]) == 60 - len(protected)
