@@ -166,30 +166,32 @@ class Hierarchy:
         done: list[BlockEntry] = []
         get, ready = self.index.get, self.ready
         ok = Status.OK  # enum member lookups are slow; once per call
-        nsums = len(checksums)
-        for i, k in enumerate(keys):
-            e = get(k)
-            if e is None:
-                out.append(Status.NOT_FOUND)
-            elif e.state == READY:
-                out.append(Status.ALREADY_COMMITTED)
-            elif e.owner != owner:
-                out.append(Status.NOT_OWNER)
-            else:
-                e.state = READY
-                ready[k] = e
-                e.owner = 0
-                e.checksum = int(checksums[i]) if i < nsums else 0
-                done.append(e)
-                out.append(ok)
-        # Tail first, like acquire/touch: a chain's head is inserted last, so recency
-        # orders meet leaves (the blocks that may go) before their parents.
+        sums = list(map(int, checksums))
+        if len(sums) < len(keys):
+            sums += [0] * (len(keys) - len(sums))
         self.clock += 1
         now = self.clock
-        on_insert = self.levels[self.write_level].policy.on_insert
-        for e in reversed(done):
+        for k, cs in zip(keys, sums, strict=False):  # sums: at least one per key
+            e = get(k)
+            if e is None or e.state != PENDING or e.owner != owner:
+                if e is None:
+                    out.append(Status.NOT_FOUND)
+                elif e.state == READY:
+                    out.append(Status.ALREADY_COMMITTED)
+                else:
+                    out.append(Status.NOT_OWNER)
+                continue
+            e.state = READY
+            e.owner = 0
+            e.checksum = cs
             e.last_access = now
-            on_insert(e)
+            ready[k] = e
+            done.append(e)
+            out.append(ok)
+        # Tail first, like acquire/touch: a chain's head is inserted last, so recency
+        # orders meet leaves (the blocks that may go) before their parents.
+        done.reverse()
+        self.levels[self.write_level].policy.on_insert_many(done)
         self.counters.commits += len(done)
         return out
 

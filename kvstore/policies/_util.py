@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kvstore.entry import BlockEntry
@@ -14,7 +14,7 @@ LOOKAHEAD = 4
 
 
 def scan(
-    queue: OrderedDict[BlockEntry, None],
+    queue: OrderedDict[BlockEntry, Any],
     n: int,
     evictable: Callable[[BlockEntry], bool],
     out: list[BlockEntry],
@@ -68,7 +68,7 @@ def scan(
 
 
 def first_victim(
-    queue: OrderedDict[BlockEntry, None],
+    queue: OrderedDict[BlockEntry, Any],
     evictable: Callable[[BlockEntry], bool],
     limit: int = -1,
 ) -> BlockEntry | None:

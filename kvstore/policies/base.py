@@ -12,7 +12,7 @@ hierarchy (the daemon's event loop, or the trace replay); policies take no locks
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, ClassVar
 
 from kvstore.registry import Registry
@@ -40,6 +40,12 @@ class EvictionPolicy(ABC):
     @abstractmethod
     def on_insert(self, entry: BlockEntry) -> None:
         """``entry`` became resident in this tier."""
+
+    def on_insert_many(self, entries: Iterable[BlockEntry]) -> None:
+        """Each of ``entries`` became resident, in this order (a committed chain, tail
+        first).  Same as ``on_insert`` one by one; policies override it for speed."""
+        for e in entries:
+            self.on_insert(e)
 
     @abstractmethod
     def on_access(self, entry: BlockEntry) -> None:

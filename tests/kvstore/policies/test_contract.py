@@ -195,3 +195,29 @@ def test_stream_victims_matches_victims_of_one(name: str) -> None:
         gone.add(v2)
     assert got[0] == got[1]
     assert len(got[0]) == 60 - len(protected)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_on_insert_many_matches_on_insert(name: str) -> None:
+    rng = random.Random(5)
+    ps = [make_policy(name, 30), make_policy(name, 30)]
+    live: list[BlockEntry] = []
+    for step in range(40):
+        # Chains of fresh entries, some with keys seen before (policies with a history).
+        chain = [entry(rng.randrange(200)) for _ in range(rng.randint(1, 6))]
+        chain = [e for e in chain if all(x.key != e.key for x in live)]
+        chain = list({e.key: e for e in chain}.values())
+        for e in chain:
+            ps[0].on_insert(e)
+        ps[1].on_insert_many(chain)
+        live += chain
+        for e in rng.sample(live, min(3, len(live))):
+            for p in ps:
+                p.on_access(e)
+        while len(live) > 25:
+            v = ps[0].victims(1, lambda e: True)
+            assert v == ps[1].victims(1, lambda e: True)
+            for p in ps:
+                p.on_remove(v[0])
+            live.remove(v[0])
+        assert len(ps[0]) == len(ps[1]) == len(live), step
