@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from kvstore.entry import BlockEntry
 
 
+STREAM_BATCH = 4
+"""Victims the base ``stream_victims`` asks ``victims`` for at a time."""
+
+
 class EvictionPolicy(ABC):
     """Orders the blocks resident in one tier and names victims.
 
@@ -70,20 +74,26 @@ class EvictionPolicy(ABC):
         """
 
     def stream_victims(self, evictable: Callable[[BlockEntry], bool]) -> Iterator[BlockEntry]:
-        """Victims one at a time, best first, for a caller that makes room block by block.
+        """Victims for a caller that evicts them one by one until it has room.
 
         The caller evicts each victim (so ``on_remove`` is called for it), or makes
-        ``evictable`` false for it, before it asks for the next one: each is chosen
-        in the state left by the previous one, so a victim's parent can follow it.
-        Names the same entries as ``victims(1, evictable)`` called again each time;
-        ends when no resident entry is evictable.  Policies override it for speed
-        (one generator for a whole pass instead of a call per victim).
+        ``evictable`` false for it, before it asks for the next one, and stops asking
+        once it has room.  Every entry yielded is evictable when it is yielded; the
+        stream ends when no resident entry is evictable.
+
+        The base version yields the batches of ``victims(STREAM_BATCH, ...)``, each
+        entry checked again just before it is yielded.  ``lru`` and ``chain`` override
+        it with a generator that picks one victim at a time, in the state left by the
+        previous one (as ``victims(1, ...)`` would), so a victim's parent can follow
+        it without a look-ahead past it.
         """
         while True:
-            v = self.victims(1, evictable)
-            if not v:
+            batch = self.victims(STREAM_BATCH, evictable)
+            if not batch:
                 return
-            yield v[0]
+            for v in batch:
+                if evictable(v):
+                    yield v
 
     @abstractmethod
     def __len__(self) -> int:
