@@ -268,11 +268,12 @@ class Hierarchy:
                     statuses[i] = Status.NOT_FOUND
         self.clock += 1
         now = self.clock
+        on_access = [lv.policy.on_access for lv in self.levels]
         for e in reversed(entries):
             if e is not None:
                 e.hits += 1
                 e.last_access = now
-                self.levels[e.top].policy.on_access(e)
+                on_access[e.top](e)
         self.counters.acquires += len(keys)
         return statuses, entries
 
@@ -364,8 +365,8 @@ class Hierarchy:
         reserve = tier.reserve
         evict = self._evict
         last = t + 1 == self.n
-        on_remove, free, index, ready = lv.policy.on_remove, tier.free, self.index, self.ready
-        c, cap = self.counters, tier.capacity_bytes
+        on_remove, index, ready = lv.policy.on_remove, self.index, self.ready
+        c, cap, freed = self.counters, tier.capacity_bytes, []
         h = None
         while h is None:
             # Bytes still to free for ``count`` blocks; at least one victim per round.
@@ -377,10 +378,9 @@ class Hierarchy:
                     # leaf whose only copy is in the last tier leaves the hierarchy.
                     # Same effect as _evict (_remove_copy + _forget), inlined.
                     locs = v.locs
-                    hv = locs[t]
+                    freed.append(locs[t])  # handles freed once per round
                     locs[t] = None
                     on_remove(v)
-                    free(hv)
                     v.top = -1
                     p = v.parent
                     if p is not None:
@@ -402,6 +402,8 @@ class Hierarchy:
                     break
             c.evictions_by_tier[t] += dropped
             c.dropped += dropped
+            tier.free_many(freed)
+            freed.clear()
             h = reserve(nbytes, e)
             if gone == 0:
                 break
