@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from kvstore.entry import PENDING, READY, BlockEntry
 from kvstore.hierarchy_types import TOP, Counters, Level, Status
 from kvstore.policies import AdmissionPolicy
-from kvstore.tiers.base import ChecksumMismatch, Handle, Tier, TierIOError
+from kvstore.tiers.base import ChecksumMismatch, Handle, TierIOError, copy_block
 
 __all__ = ["Counters", "Hierarchy", "Level", "Status"]
 
@@ -98,18 +98,17 @@ class Hierarchy:
         """
         statuses: list[Status] = []
         entries: list[BlockEntry | None] = []
-        created: list[BlockEntry] = []
         w = self.write_level
         index = self.index
+        get = index.get
         n = self.n
         wtier = self.levels[w].tier
         reserve = wtier.reserve
-        evict_for = self._evict_for
         new_status = Status.NEW  # enum member lookups are slow; once per call
-        parent = index.get(parent_key) if parent_key else None
+        parent = get(parent_key) if parent_key else None
         depth = parent.depth + 1 if parent is not None else first_depth
         for k in keys:
-            e = index.get(k)
+            e = get(k)
             if e is not None:
                 statuses.append(Status.PRESENT if e.state == READY else Status.IN_PROGRESS)
                 entries.append(e)
@@ -123,42 +122,47 @@ class Hierarchy:
             # Link first so the parent is protected while we make room for the child.
             index[k] = e
             if parent is not None:
-                if parent.children is None:
+                pc = parent.children
+                if pc is None:
                     parent.children = {e}
                 else:
-                    parent.children.add(e)
+                    pc.add(e)
             # _make_room inlined (one call per new block saved on the hot path).
-            if wtier.degraded:
-                h = None
-            else:
-                h = reserve(nbytes, e)
-                if h is None:
-                    h = evict_for(w, nbytes, e)
+            h = None if wtier.degraded else reserve(nbytes, e)
             if h is None:
-                self._forget(e)
-                for c in reversed(created):
-                    self._abort_one(c)
-                self.counters.aborts -= len(created)
-                self.counters.no_space += 1
-                statuses += [Status.NEW] * (len(keys) - len(statuses))
-                entries += [None] * (len(keys) - len(entries))
-                return [Status.NO_SPACE if s == Status.NEW else s for s in statuses], [
-                    None if s == Status.NEW else x for s, x in zip(statuses, entries, strict=True)
-                ]
+                if not wtier.degraded:
+                    # Room for this key and every later one not in the index, in one
+                    # eviction pass (one victim at a time, as block-by-block would).
+                    rest = keys[len(statuses) + 1 :]
+                    count = 1 + len(rest) - sum(map(index.__contains__, rest))
+                    h = self._evict_for(w, nbytes, e, count)
+                if h is None:  # all or nothing: undo this call's new entries
+                    self._forget(e)
+                    created = [x for x, s in zip(entries, statuses, strict=True) if s == new_status]
+                    for c in reversed(created):
+                        self._abort_one(c)  # type: ignore[arg-type]  # new: not None
+                    self.counters.aborts -= len(created)
+                    self.counters.no_space += 1
+                    statuses += [new_status] * (len(keys) - len(statuses))
+                    entries += [None] * (len(keys) - len(entries))
+                    return [Status.NO_SPACE if s == new_status else s for s in statuses], [
+                        None if s == new_status else x
+                        for s, x in zip(statuses, entries, strict=True)
+                    ]
             # _set_loc for a fresh entry (no copy anywhere yet), inlined.
             locs[w] = h
             e.top = w
             if parent is not None:
                 parent.kid_tops[w] += 1
-            created.append(e)
             statuses.append(new_status)
             entries.append(e)
-            parent, depth = e, depth + 1
+            parent = e
+            depth += 1
         for hook in self._ref_hooks:
             for e in entries:
                 if e is not None:
                     hook(e)
-        self.counters.allocations += len(created)
+        self.counters.allocations += statuses.count(new_status)
         return statuses, entries
 
     def commit(self, owner: int, keys: Sequence[bytes], checksums: Sequence[int]) -> list[Status]:
@@ -167,30 +171,32 @@ class Hierarchy:
         done: list[BlockEntry] = []
         get, ready = self.index.get, self.ready
         ok = Status.OK  # enum member lookups are slow; once per call
-        nsums = len(checksums)
-        for i, k in enumerate(keys):
-            e = get(k)
-            if e is None:
-                out.append(Status.NOT_FOUND)
-            elif e.state == READY:
-                out.append(Status.ALREADY_COMMITTED)
-            elif e.owner != owner:
-                out.append(Status.NOT_OWNER)
-            else:
-                e.state = READY
-                ready[k] = e
-                e.owner = 0
-                e.checksum = int(checksums[i]) if i < nsums else 0
-                done.append(e)
-                out.append(ok)
-        # Tail first, like acquire/touch: a chain's head is inserted last, so recency
-        # orders meet leaves (the blocks that may go) before their parents.
+        sums = list(map(int, checksums))
+        if len(sums) < len(keys):
+            sums += [0] * (len(keys) - len(sums))
         self.clock += 1
         now = self.clock
-        on_insert = self.levels[self.write_level].policy.on_insert
-        for e in reversed(done):
+        for k, cs in zip(keys, sums, strict=False):  # sums: at least one per key
+            e = get(k)
+            if e is None or e.state != PENDING or e.owner != owner:
+                if e is None:
+                    out.append(Status.NOT_FOUND)
+                elif e.state == READY:
+                    out.append(Status.ALREADY_COMMITTED)
+                else:
+                    out.append(Status.NOT_OWNER)
+                continue
+            e.state = READY
+            e.owner = 0
+            e.checksum = cs
             e.last_access = now
-            on_insert(e)
+            ready[k] = e
+            done.append(e)
+            out.append(ok)
+        # Tail first, like acquire/touch: a chain's head is inserted last, so recency
+        # orders meet leaves (the blocks that may go) before their parents.
+        done.reverse()
+        self.levels[self.write_level].policy.on_insert_many(done)
         self.counters.commits += len(done)
         return out
 
@@ -267,11 +273,12 @@ class Hierarchy:
                     statuses[i] = Status.NOT_FOUND
         self.clock += 1
         now = self.clock
+        on_access = [lv.policy.on_access for lv in self.levels]
         for e in reversed(entries):
             if e is not None:
                 e.hits += 1
                 e.last_access = now
-                self.levels[e.top].policy.on_access(e)
+                on_access[e.top](e)
         self.counters.acquires += len(keys)
         return statuses, entries
 
@@ -284,7 +291,7 @@ class Hierarchy:
         out: list[Exception | None] = []
         for _, e, h in batch:
             try:
-                self._copy(e, src_t, e.locs[src], dst_t, h)
+                copy_block(e, src_t, e.locs[src], dst_t, h)
                 out.append(None)
             except (ChecksumMismatch, TierIOError) as exc:
                 out.append(exc)
@@ -349,36 +356,36 @@ class Hierarchy:
         if tier.degraded:
             return None
         h = tier.reserve(nbytes, e)
-        if h is not None:
-            return h
-        return self._evict_for(t, nbytes, e)
+        return h if h is not None else self._evict_for(t, nbytes, e)
 
-    def _evict_for(self, t: int, nbytes: int, e: BlockEntry) -> Handle | None:
-        """``_make_room`` once a first ``reserve`` failed: evict until one succeeds."""
+    def _evict_for(self, t: int, nbytes: int, e: BlockEntry, count: int = 1) -> Handle | None:
+        """``_make_room`` once a first ``reserve`` failed: evicts until one succeeds and
+        there is room for ``count`` blocks of ``nbytes`` (a whole new chain, one pass).
+        Victims come one at a time, each chosen once the previous one is gone."""
         lv = self.levels[t]
+        tier = lv.tier
         skip = self._skips[t]  # victims that must stay (no room below for them)
         skip.clear()
-        victims_of = lv.policy.victims
-        ok = self._evictable[t]
-        reserve = lv.tier.reserve
+        stream = lv.policy.stream_victims(self._evictable[t])
+        reserve = tier.reserve
         evict = self._evict
         last = t + 1 == self.n
-        on_remove, free, index, c = lv.policy.on_remove, lv.tier.free, self.index, self.counters
+        on_remove, index, ready = lv.policy.on_remove, self.index, self.ready
+        c, cap, freed = self.counters, tier.capacity_bytes, []
         h = None
         while h is None:
-            victims = victims_of(4, ok)
-            if not victims:
-                break
-            for v in victims:
+            # Bytes still to free for ``count`` blocks; at least one victim per round.
+            need = count * nbytes - (cap - tier.used_bytes)
+            gone = dropped = 0
+            for v in stream:
                 if last and v.top == t and not v.children and v.state == READY:
                     # Fast path for the common case (one-tier daemon, trace replay): a
                     # leaf whose only copy is in the last tier leaves the hierarchy.
                     # Same effect as _evict (_remove_copy + _forget), inlined.
                     locs = v.locs
-                    hv = locs[t]
+                    freed.append(locs[t])  # handles freed once per round
                     locs[t] = None
                     on_remove(v)
-                    free(hv)
                     v.top = -1
                     p = v.parent
                     if p is not None:
@@ -386,14 +393,26 @@ class Hierarchy:
                         if p.children is not None:
                             p.children.discard(v)
                         v.parent = None
-                    if index.get(v.key) is v:
-                        del index[v.key]
-                        self.ready.pop(v.key, None)
-                    c.evictions_by_tier[t] += 1
-                    c.dropped += 1
+                    key = v.key
+                    if index.get(key) is v:
+                        del index[key]
+                        ready.pop(key, None)
+                    dropped += 1
                 elif not evict(v, t):
                     skip.add(v)
+                    continue
+                gone += 1
+                need -= v.nbytes
+                if need <= 0:
+                    break
+            c.evictions_by_tier[t] += dropped
+            c.dropped += dropped
+            tier.free_many(freed)
+            freed.clear()
             h = reserve(nbytes, e)
+            if gone == 0:
+                break
+            count = 1  # room was made for all: a failed reserve only retries this one
         skip.clear()
         return h
 
@@ -443,7 +462,7 @@ class Hierarchy:
             return False
         src_t, dst_t = self.levels[t].tier, self.levels[nxt].tier
         try:
-            self._copy(v, src_t, v.locs[t], dst_t, h2)
+            copy_block(v, src_t, v.locs[t], dst_t, h2)
         except (ChecksumMismatch, TierIOError) as exc:
             dst_t.free(h2)
             self._note_io_error(exc)
@@ -452,19 +471,6 @@ class Hierarchy:
         self.levels[nxt].policy.on_insert(v)
         self.counters.demotions += 1
         return True
-
-    @staticmethod
-    def _copy(e: BlockEntry, src_t: Tier, hs: Handle, dst_t: Tier, hd: Handle) -> None:
-        if not (src_t.stores_bytes and dst_t.stores_bytes):
-            dst_t.write(hd, e, None)
-        elif dst_t.host_mapped:
-            src_t.read_into(hs, e, dst_t.view(hd))
-        elif src_t.host_mapped:
-            dst_t.write(hd, e, src_t.view(hs))
-        else:
-            buf = memoryview(bytearray(e.nbytes))
-            src_t.read_into(hs, e, buf)
-            dst_t.write(hd, e, buf)
 
     def _note_io_error(self, exc: Exception) -> None:
         if isinstance(exc, ChecksumMismatch):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kvstore.entry import BlockEntry
@@ -14,7 +14,7 @@ LOOKAHEAD = 4
 
 
 def scan(
-    queue: OrderedDict[BlockEntry, None],
+    queue: OrderedDict[BlockEntry, Any],
     n: int,
     evictable: Callable[[BlockEntry], bool],
     out: list[BlockEntry],
@@ -65,6 +65,30 @@ def scan(
                 move(e)
         return
     look_ahead(it, n, evictable, out)
+
+
+def first_victim(
+    queue: OrderedDict[BlockEntry, Any],
+    evictable: Callable[[BlockEntry], bool],
+    limit: int = -1,
+) -> BlockEntry | None:
+    """``scan`` for one victim: the first evictable entry of ``queue`` from its cold
+    end, or ``None``; the entries passed over are rotated to the hot end (at most
+    ``limit`` of them when ``limit`` >= 0, as in :func:`scan`)."""
+    skipped: list[BlockEntry] = []
+    found = None
+    for e in queue:
+        if evictable(e):
+            found = e
+            break
+        skipped.append(e)
+        if len(skipped) == limit:
+            break
+    if skipped:
+        move = queue.move_to_end
+        for e in skipped:
+            move(e)
+    return found
 
 
 def look_ahead(

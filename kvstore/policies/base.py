@@ -12,13 +12,17 @@ hierarchy (the daemon's event loop, or the trace replay); policies take no locks
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, ClassVar
 
 from kvstore.registry import Registry
 
 if TYPE_CHECKING:
     from kvstore.entry import BlockEntry
+
+
+STREAM_BATCH = 4
+"""Victims the base ``stream_victims`` asks ``victims`` for at a time."""
 
 
 class EvictionPolicy(ABC):
@@ -41,6 +45,12 @@ class EvictionPolicy(ABC):
     def on_insert(self, entry: BlockEntry) -> None:
         """``entry`` became resident in this tier."""
 
+    def on_insert_many(self, entries: Iterable[BlockEntry]) -> None:
+        """Each of ``entries`` became resident, in this order (a committed chain, tail
+        first).  Same as ``on_insert`` one by one; policies override it for speed."""
+        for e in entries:
+            self.on_insert(e)
+
     @abstractmethod
     def on_access(self, entry: BlockEntry) -> None:
         """``entry`` (resident) was hit by a lookup/acquire."""
@@ -62,6 +72,28 @@ class EvictionPolicy(ABC):
         the hierarchy simply asks again.  Returns none only when no resident entry
         is evictable.
         """
+
+    def stream_victims(self, evictable: Callable[[BlockEntry], bool]) -> Iterator[BlockEntry]:
+        """Victims for a caller that evicts them one by one until it has room.
+
+        The caller evicts each victim (so ``on_remove`` is called for it), or makes
+        ``evictable`` false for it, before it asks for the next one, and stops asking
+        once it has room.  Every entry yielded is evictable when it is yielded; the
+        stream ends when no resident entry is evictable.
+
+        The base version yields the batches of ``victims(STREAM_BATCH, ...)``, each
+        entry checked again just before it is yielded.  ``lru`` and ``chain`` override
+        it with a generator that picks one victim at a time, in the state left by the
+        previous one (as ``victims(1, ...)`` would), so a victim's parent can follow
+        it without a look-ahead past it.
+        """
+        while True:
+            batch = self.victims(STREAM_BATCH, evictable)
+            if not batch:
+                return
+            for v in batch:
+                if evictable(v):
+                    yield v
 
     @abstractmethod
     def __len__(self) -> int:

@@ -38,10 +38,10 @@ first time the tier is full.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from kvstore.policies._util import look_ahead, scan
+from kvstore.policies._util import first_victim, look_ahead, scan
 from kvstore.policies.base import POLICIES, EvictionPolicy
 
 if TYPE_CHECKING:
@@ -70,15 +70,16 @@ class ChainPolicy(EvictionPolicy):
 
     def __init__(self, capacity_blocks: int) -> None:
         super().__init__(capacity_blocks)
-        self._segs: tuple[OrderedDict[BlockEntry, None], OrderedDict[BlockEntry, None]] = (
+        # The two segments, LRU order, map entry -> its metadata: [segment, reference
+        # count, segment clock and global clock at last reference].
+        self._segs: tuple[
+            OrderedDict[BlockEntry, list[int]], OrderedDict[BlockEntry, list[int]]
+        ] = (
             OrderedDict(),
             OrderedDict(),
         )
-        # entry -> [segment, reference count, segment clock and global clock at last
-        # reference]
-        self._meta: dict[BlockEntry, list[int]] = {}
-        # key -> (reference count, segment, segment and global clocks at last reference)
-        self._history: OrderedDict[bytes, tuple[int, int, int, int]] = OrderedDict()
+        # key -> the departed entry's metadata (the same list)
+        self._history: OrderedDict[bytes, list[int]] = OrderedDict()
         self._clock = [0, 0]
         self._now = 0
         self._refs = 0
@@ -111,6 +112,8 @@ class ChainPolicy(EvictionPolicy):
             d[b] += 1.0
 
     def _place(self, entry: BlockEntry, m: list[int]) -> None:
+        """Puts ``entry`` (metadata ``m``, count updated) at the hot end of its
+        segment.  Inlined in :meth:`on_insert_many`: keep the two alike."""
         # With the whole tier as window (reuses all within the tier's reach) the
         # policy is plain LRU: nothing is promoted and main drains.
         children = entry.children  # n_children without the property call (hot path)
@@ -125,7 +128,7 @@ class ChainPolicy(EvictionPolicy):
         m[3] = now
         clock[s] += 1
         self._now = now + 1
-        self._segs[s][entry] = None
+        self._segs[s][entry] = m
         refs = self._refs = self._refs + 1
         if refs >= self._period:
             self._refs = 0
@@ -154,49 +157,79 @@ class ChainPolicy(EvictionPolicy):
             self.capacity_blocks if best_k == SPLITS else max(floor, best_k * self._width)
         )
         self._lru_mode = self._window >= self.capacity_blocks
-        self._hist_limit = HISTORY_FACTOR * max(self.capacity_blocks, len(self._meta))
+        self._hist_limit = HISTORY_FACTOR * max(self.capacity_blocks, len(self))
         for d in self._dist:
             for i in range(len(d)):
                 d[i] *= DECAY
 
     # ------------------------------------------------------------------ protocol
     def on_insert(self, entry: BlockEntry) -> None:
-        past = self._history.pop(entry.key, None)
-        if past is None:
-            m = [0, 1, 0, 0]
-        else:
-            m = [0, past[0] + 1, 0, 0]
-            self._record(past[1], past[2], past[3])
-        self._meta[entry] = m
-        self._place(entry, m)
+        self.on_insert_many((entry,))
+
+    def on_insert_many(self, entries: Iterable[BlockEntry]) -> None:
+        # One loop for a whole committed chain: _place inlined, the policy's state in
+        # locals (written back before _record and _resize, which read it).
+        hpop = self._history.pop
+        win, main = self._segs
+        clock = self._clock
+        cw, cm = clock
+        now, refs, period, lru = self._now, self._refs, self._period, self._lru_mode
+        for entry in entries:
+            past = hpop(entry.key, None)
+            if past is None:
+                count = 1
+            else:  # it was here before: its reuse distance, then its count goes on
+                count = past[1] + 1
+                self._now = now
+                clock[0], clock[1] = cw, cm
+                self._record(past[0], past[2], past[3])
+            children = entry.children
+            if lru or (count <= 1 and (not children or len(children) < 2)):
+                win[entry] = [_WIN, count, cw, now]
+                cw += 1
+            else:
+                main[entry] = [_MAIN, count, cm, now]
+                cm += 1
+            now += 1
+            refs += 1
+            if refs >= period:
+                refs = 0
+                self._resize()
+                period, lru = self._period, self._lru_mode
+        self._now, self._refs = now, refs
+        clock[0], clock[1] = cw, cm
 
     def on_access(self, entry: BlockEntry) -> None:
-        m = self._meta.get(entry)
+        win, main = self._segs
+        m = win.pop(entry, None)
         if m is None:
-            return
+            m = main.pop(entry, None)
+            if m is None:
+                return
         self._record(m[0], m[2], m[3])
-        del self._segs[m[0]][entry]
         m[1] += 1
         self._place(entry, m)
 
     def on_remove(self, entry: BlockEntry) -> None:
-        m = self._meta.pop(entry, None)
+        win, main = self._segs
+        m = win.pop(entry, None)
         if m is None:
-            return
-        del self._segs[m[0]][entry]
+            m = main.pop(entry, None)
+            if m is None:
+                return
         hist = self._history
-        hist[entry.key] = (m[1], m[0], m[2], m[3])
+        hist[entry.key] = m  # the list itself: nothing else holds it now
         if len(hist) > self._hist_limit:
             hist.popitem(last=False)
 
     def victims(self, n: int, evictable: Callable[[BlockEntry], bool]) -> list[BlockEntry]:
-        held, cap = len(self._meta), self.capacity_blocks
+        win, main = self._segs
+        held, cap = len(win) + len(main), self.capacity_blocks
         if 2 * held < cap or held > 2 * cap:  # observed_capacity inlined (hot path)
             self._rescale(max(1, held))
-        win, main = self._segs
         if self._lru_mode and main and win:
             # LRU mode: the older of the two cold ends goes first.
-            older = self._meta[next(iter(main))][3] < self._meta[next(iter(win))][3]
+            older = main[next(iter(main))][3] < win[next(iter(win))][3]
             first, second = (main, win) if older else (win, main)
         elif len(win) > self._window or not main:
             first, second = win, main
@@ -220,5 +253,32 @@ class ChainPolicy(EvictionPolicy):
                 scan(first, n, lambda e: e not in named and evictable(e), out)
         return out
 
+    def stream_victims(self, evictable: Callable[[BlockEntry], bool]) -> Iterator[BlockEntry]:
+        # victims(1, ...) as a generator: with n = 1 it names the first evictable
+        # entry of ``first`` (within SCAN_LIMIT), else of ``second``, else of ``first``.
+        win, main = self._segs
+        while win or main:
+            held, cap = len(win) + len(main), self.capacity_blocks
+            if 2 * held < cap or held > 2 * cap:
+                self._rescale(max(1, held))
+            if self._lru_mode and main and win:
+                older = main[next(iter(main))][3] < win[next(iter(win))][3]
+                first, second = (main, win) if older else (win, main)
+            elif len(win) > self._window or not main:
+                first, second = win, main
+            else:
+                first, second = main, win
+            head = next(iter(first))
+            if evictable(head):  # the common case: the cold end itself
+                yield head
+                continue
+            v = first_victim(first, evictable, SCAN_LIMIT)
+            if v is None:
+                v = first_victim(second, evictable) or first_victim(first, evictable)
+                if v is None:
+                    return
+            yield v
+
     def __len__(self) -> int:
-        return len(self._meta)
+        win, main = self._segs
+        return len(win) + len(main)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from kvstore.policies._util import scan
+from kvstore.policies._util import first_victim, scan
 from kvstore.policies.base import POLICIES, EvictionPolicy
 
 if TYPE_CHECKING:
@@ -40,6 +40,19 @@ class LRUPolicy(EvictionPolicy):
         out: list[BlockEntry] = []
         scan(self._order, n, evictable, out)
         return out
+
+    def stream_victims(self, evictable: Callable[[BlockEntry], bool]) -> Iterator[BlockEntry]:
+        order = self._order
+        while order:
+            # scan(order, 1, ...) inlined: the cold end is almost always evictable.
+            for e in order:
+                if evictable(e):
+                    break
+            else:
+                return  # nothing evictable (a full rotation leaves the order as it was)
+            if e is not next(iter(order)):
+                first_victim(order, evictable)  # rotates the entries passed over
+            yield e
 
     def __len__(self) -> int:
         return len(self._order)

@@ -129,6 +129,11 @@ class Tier(ABC):
     def free(self, handle: Handle) -> None:
         """Give the room of ``handle`` back."""
 
+    def free_many(self, handles: Iterable[Handle]) -> None:
+        """``free`` for each of ``handles`` (the hierarchy's eviction passes: one call)."""
+        for h in handles:
+            self.free(h)
+
     def view(self, handle: Handle) -> memoryview:
         """The bytes of ``handle`` in place (host-mapped tiers only)."""
         raise NotImplementedError(f"tier {self.name!r} is not host-mapped")
@@ -172,12 +177,13 @@ class NullTier(Tier):
         return self._used
 
     def reserve(self, nbytes: int, entry: BlockEntry) -> Handle | None:
+        used = self._used + nbytes
+        if used <= self.capacity_bytes:  # the common case first: one test
+            self._used = used
+            return nbytes
         if nbytes > self.capacity_bytes:
             raise ValueError(f"block of {nbytes} B exceeds tier {self.name!r} capacity")
-        if self._used + nbytes > self.capacity_bytes:
-            return None
-        self._used += nbytes
-        return nbytes
+        return None
 
     def write(self, handle: Handle, entry: BlockEntry, src: memoryview | None) -> None:
         pass
@@ -187,3 +193,21 @@ class NullTier(Tier):
 
     def free(self, handle: Handle) -> None:
         self._used -= handle
+
+    def free_many(self, handles: Iterable[Handle]) -> None:
+        self._used -= sum(handles)
+
+
+def copy_block(e: BlockEntry, src_t: Tier, hs: Handle, dst_t: Tier, hd: Handle) -> None:
+    """Copies the bytes of ``e`` from ``src_t`` (at ``hs``) to ``dst_t`` (at ``hd``),
+    in place when one side is host-mapped (the hierarchy's demotions and promotions)."""
+    if not (src_t.stores_bytes and dst_t.stores_bytes):
+        dst_t.write(hd, e, None)
+    elif dst_t.host_mapped:
+        src_t.read_into(hs, e, dst_t.view(hd))
+    elif src_t.host_mapped:
+        dst_t.write(hd, e, src_t.view(hs))
+    else:
+        buf = memoryview(bytearray(e.nbytes))
+        src_t.read_into(hs, e, buf)
+        dst_t.write(hd, e, buf)

@@ -158,3 +158,91 @@ def test_pinned_chain_is_never_named(name: str) -> None:
     assert st == [Status.NEW, Status.NEW, Status.NO_SPACE] or Status.NO_SPACE in st
     assert all(h.get(k) is not None for k in a)
     h.release([e for e in got if e is not None])
+
+
+def _fed_pair(name: str) -> tuple[list[EvictionPolicy], list[BlockEntry], set[BlockEntry]]:
+    """Two policies fed alike with 60 entries (some chained), and a protected set."""
+    rng = random.Random(3)
+    ps = [make_policy(name, 40), make_policy(name, 40)]
+    roots: list[BlockEntry] = []
+    es: list[BlockEntry] = []
+    for i in range(60):
+        parent = rng.choice(roots) if roots and rng.random() < 0.5 else None
+        e = entry(i, parent)
+        (roots if parent is None else es).append(e)
+        for p in ps:
+            p.on_insert(e)
+    for e in rng.sample(roots + es, 30):
+        for p in ps:
+            p.on_access(e)
+    return ps, roots + es, set(rng.sample(roots + es, 15))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_stream_victims_drains_every_evictable_entry(name: str) -> None:
+    ps, everything, protected = _fed_pair(name)
+    p = ps[0]
+    gone: set[BlockEntry] = set()
+
+    def ok(e: BlockEntry) -> bool:
+        return e not in protected and e not in gone
+
+    for v in p.stream_victims(ok):
+        assert ok(v)  # evictable when yielded, never twice
+        p.on_remove(v)
+        gone.add(v)
+    assert gone == set(everything) - protected
+    assert len(p) == len(protected)
+
+
+OWN_STREAM = [n for n in ALL if POLICIES.get(n).stream_victims is not EvictionPolicy.stream_victims]
+
+
+@pytest.mark.parametrize("name", OWN_STREAM)
+def test_own_stream_victims_matches_victims_of_one(name: str) -> None:
+    # One policy asked victims(1) again after each removal, the other's stream read
+    # one victim at a time, each removed before the next: the same victims.
+    ps, everything, protected = _fed_pair(name)
+    gone: set[BlockEntry] = set()
+
+    def ok(e: BlockEntry) -> bool:
+        return e not in protected and e not in gone
+
+    got: list[list[BlockEntry]] = [[], []]
+    while v := ps[0].victims(1, ok):
+        got[0].append(v[0])
+        ps[0].on_remove(v[0])
+        gone.add(v[0])
+    gone.clear()
+    for v2 in ps[1].stream_victims(ok):
+        got[1].append(v2)
+        ps[1].on_remove(v2)
+        gone.add(v2)
+    assert got[0] == got[1]
+    assert set(got[0]) == set(everything) - protected
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_on_insert_many_matches_on_insert(name: str) -> None:
+    rng = random.Random(5)
+    ps = [make_policy(name, 30), make_policy(name, 30)]
+    live: list[BlockEntry] = []
+    for step in range(40):
+        # Chains of fresh entries, some with keys seen before (policies with a history).
+        chain = [entry(rng.randrange(200)) for _ in range(rng.randint(1, 6))]
+        chain = [e for e in chain if all(x.key != e.key for x in live)]
+        chain = list({e.key: e for e in chain}.values())
+        for e in chain:
+            ps[0].on_insert(e)
+        ps[1].on_insert_many(chain)
+        live += chain
+        for e in rng.sample(live, min(3, len(live))):
+            for p in ps:
+                p.on_access(e)
+        while len(live) > 25:
+            v = ps[0].victims(1, lambda e: True)
+            assert v == ps[1].victims(1, lambda e: True)
+            for p in ps:
+                p.on_remove(v[0])
+            live.remove(v[0])
+        assert len(ps[0]) == len(ps[1]) == len(live), step
