@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kvstore.gc_tuning import tune_gc
 from kvstore.hierarchy import Hierarchy, Level, Status
 from kvstore.policies import ADMISSIONS, DEFAULT_POLICY, POLICIES
 from kvstore.registry import UnknownNameError
@@ -470,6 +471,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    tune_gc()  # the collector settings the daemon runs with (kvstore.gc_tuning)
     try:
         for name in filter(None, [args.policy, args.nvme_policy]):
             POLICIES.get(name)

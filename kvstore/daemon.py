@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -17,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kvstore import policies  # noqa: F401  (registers policies)
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.config import Config, ConfigError
+from kvstore.gc_tuning import freeze_startup, tune_gc
 from kvstore.hierarchy import Hierarchy, Level
 from kvstore.keys import Namespace
 from kvstore.policies import ADMISSIONS, POLICIES
@@ -108,6 +110,11 @@ class Daemon:
             "namespaces": len(self.namespaces),
             "recovered_blocks": self.recovered,
             "models": _models_stats(),
+            "gc": {  # the collector's settings and work (see kvstore.gc_tuning)
+                "threshold": list(gc.get_threshold()),
+                "collections": [g["collections"] for g in gc.get_stats()],
+                "frozen_objects": gc.get_freeze_count(),
+            },
             **hs,
         }
 
@@ -211,6 +218,7 @@ def _prepare_socket(sock: Path) -> None:
 
 async def run_daemon(cfg: Config) -> None:
     """Runs until SIGTERM/SIGINT, then shuts down gracefully."""
+    tune_gc()
     try:
         d = Daemon(cfg)
     except (ConfigError, OSError) as exc:
@@ -220,6 +228,7 @@ async def run_daemon(cfg: Config) -> None:
         loop.add_signal_handler(sig, d.request_stop)
     try:
         await d.start()
+        freeze_startup()
         await d.wait()
     finally:
         await d.stop()
