@@ -22,6 +22,7 @@ from kvstore.gc_tuning import freeze_startup, tune_gc
 from kvstore.hierarchy import Hierarchy, Level
 from kvstore.keys import Namespace
 from kvstore.policies import ADMISSIONS, POLICIES
+from kvstore.promote import Promoter
 from kvstore.sessions import SessionManager
 from kvstore.tiers import load_backends
 from kvstore.tiers.base import TIERS, Tier
@@ -83,6 +84,7 @@ class Daemon:
                 time.monotonic() - t0,
             )
         self.sessions = SessionManager(self.h, cfg.server.lease_timeout_s)
+        self.promoter = Promoter(self.h)  # Acquire/Prefetch reads from disk, off the loop
         self.namespaces: dict[bytes, Namespace] = {}
         self.started = time.time()
         self.server: grpc.aio.Server | None = None
@@ -108,6 +110,10 @@ class Daemon:
                 "pending_allocations": sum(len(s.allocs) for s in self.sessions.sessions.values()),
             },
             "namespaces": len(self.namespaces),
+            "promoter": {  # Acquire/Prefetch reads from disk on threads (kvstore.promote)
+                "in_flight": self.promoter.in_flight,
+                "offloaded_total": self.promoter.offloaded,
+            },
             "recovered_blocks": self.recovered,
             "models": _models_stats(),
             "gc": {  # the collector's settings and work (see kvstore.gc_tuning)
@@ -182,6 +188,10 @@ class Daemon:
         if self.server is not None:
             await self._health.enter_graceful_shutdown()
             await self.server.stop(self.cfg.server.shutdown_grace_s)
+        if self.promoter.in_flight:
+            log.info("waiting for %d promotions in flight", self.promoter.in_flight)
+        await self.promoter.drain()  # they write into the arena: finish before it closes
+        self.promoter.close()
         self.sessions.close_all()
         if self.cfg.server.persist_on_shutdown:
             n = self.h.persist_all()

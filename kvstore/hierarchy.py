@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
+from kvstore.acquire import InFlight, acquire_begin, acquire_finish, finish_jobs, read_jobs
 from kvstore.entry import PENDING, READY, BlockEntry
 from kvstore.hierarchy_types import TOP, Counters, Level, Status
 from kvstore.policies import AdmissionPolicy
@@ -54,6 +55,7 @@ class Hierarchy:
         ]
         self._skips: list[set[BlockEntry]] = [set() for _ in self.levels]
         self._evictable = [self._evictable_pred(t) for t in range(self.n)]
+        self.promoting: dict[BlockEntry, InFlight] = {}  # reads in flight (kvstore.acquire)
 
     # ------------------------------------------------------------------ queries
     def get(self, key: bytes) -> BlockEntry | None:
@@ -230,72 +232,15 @@ class Hierarchy:
         a disk tier runs in parallel).  Entries are touched tail first so that a parent
         stays more recent than its children.  A block whose bytes fail their checksum
         is forgotten and reported ``CHECKSUM_MISMATCH`` (a miss, never wrong bytes).
+        A block whose promotion another (asynchronous) acquire has in flight is
+        reported ``IN_PROGRESS``.  The phases are in :mod:`kvstore.acquire`; the daemon
+        runs the disk reads off its event loop (:mod:`kvstore.promote`).
         """
-        t_to = self.write_level if target is None else target
-        statuses = [Status.OK] * len(keys)
-        entries: list[BlockEntry | None] = [None] * len(keys)
-        jobs: dict[int, list[tuple[int, BlockEntry, Handle]]] = {}
-        for i, k in enumerate(keys):
-            e = self.index.get(k)
-            if e is None or e.state != READY:
-                statuses[i] = Status.NOT_FOUND
-                continue
-            e.pins += 1  # pinned first: nothing below can evict it while we make room
-            if e.locs[t_to] is not None:
-                entries[i] = e
-                continue
-            h = self._make_room(t_to, e.nbytes, e)
-            if h is None:
-                e.pins -= 1
-                self.counters.no_space += 1
-                statuses[i] = Status.NO_SPACE
-                continue
-            jobs.setdefault(e.top, []).append((i, e, h))
-        for src, batch in jobs.items():
-            for (i, e, h), err in zip(batch, self._promote_batch(src, t_to, batch), strict=True):
-                if err is None:
-                    self._set_loc(e, t_to, h)
-                    self.levels[t_to].policy.on_insert(e)
-                    self.counters.promotions += 1
-                    entries[i] = e
-                    continue
-                self.levels[t_to].tier.free(h)
-                self._note_io_error(err)
-                e.pins -= 1
-                # A copy that fails its checksum, or that the tier cannot read (its
-                # write failed, the disk errs), is no copy: drop it, report a miss.
-                self._remove_copy(e, src)
-                if e.top == -1:
-                    self._forget(e)
-                if isinstance(err, ChecksumMismatch):
-                    statuses[i] = Status.CHECKSUM_MISMATCH
-                else:
-                    statuses[i] = Status.NOT_FOUND
-        self.clock += 1
-        now = self.clock
-        on_access = [lv.policy.on_access for lv in self.levels]
-        for e in reversed(entries):
-            if e is not None:
-                e.hits += 1
-                e.last_access = now
-                on_access[e.top](e)
-        self.counters.acquires += len(keys)
-        return statuses, entries
-
-    def _promote_batch(
-        self, src: int, dst: int, batch: list[tuple[int, BlockEntry, Handle]]
-    ) -> list[Exception | None]:
-        src_t, dst_t = self.levels[src].tier, self.levels[dst].tier
-        if src_t.stores_bytes and dst_t.stores_bytes and dst_t.host_mapped:
-            return list(src_t.read_many([(e.locs[src], e, dst_t.view(h)) for _, e, h in batch]))
-        out: list[Exception | None] = []
-        for _, e, h in batch:
-            try:
-                copy_block(e, src_t, e.locs[src], dst_t, h)
-                out.append(None)
-            except (ChecksumMismatch, TierIOError) as exc:
-                out.append(exc)
-        return out
+        plan = acquire_begin(self, keys, target)
+        if plan.jobs:
+            read_jobs(self, plan, list(plan.jobs))
+            finish_jobs(self, plan)
+        return acquire_finish(self, plan)
 
     def release(self, entries: Iterable[BlockEntry]) -> None:
         for e in entries:

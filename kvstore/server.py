@@ -18,6 +18,7 @@ import numpy as np
 
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.acquire import acquire_finish
 from kvstore.entry import PENDING, READY
 from kvstore.hierarchy import Status
 from kvstore.keys import KEY_BYTES, KeyInputError, Namespace, unpack_keys
@@ -296,12 +297,41 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     # ------------------------------------------------------------------ reads
     async def Acquire(self, request: pb.AcquireRequest, context: Ctx) -> Any:
-        return await _guard(context, self._acquire, request)
+        try:
+            r = self._acquire(request)
+            if type(r) is tuple:  # a promotion from disk is in flight: wait off the loop
+                r = await self._acquire_wait(*r)
+            return r
+        except _Abort as a:
+            await context.abort(a.code, a.msg)
 
     def _acquire(self, request: pb.AcquireRequest) -> Any:
         s = self._session(request.session_id)
         keys = self._keys(request.keys)
-        statuses, entries = self.h.acquire(keys)
+        plan, task = self.d.promoter.start(keys)
+        if task is not None:
+            return s, keys, task
+        statuses, entries = acquire_finish(self.h, plan)
+        return self._acquired(s, keys, statuses, entries)
+
+    async def _acquire_wait(self, s: Session, keys: list[bytes], task: Any) -> Any:
+        try:
+            statuses, entries = await asyncio.shield(task)
+        except asyncio.CancelledError:  # the client went away: nobody will own the pins
+            self.d.promoter.release_when_done(task)
+            raise
+        if self.d.sessions.sessions.get(s.id) is not s:
+            self.h.release([e for e in entries if e is not None])
+            _fail(
+                grpc.StatusCode.NOT_FOUND,
+                f"session {s.id} ended while its blocks were read from disk; open a new session",
+            )
+        return self._acquired(s, keys, statuses, entries)
+
+    def _acquired(
+        self, s: Session, keys: list[bytes], statuses: list[Status], entries: list[Any]
+    ) -> Any:
+        """The answer of an acquire; its pins now belong to the session."""
         slots = []
         for k, e in zip(keys, entries, strict=True):
             if e is None:
@@ -354,7 +384,11 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         return pb.PrefetchResponse(scheduled=len(todo))
 
     def _promote_now(self, keys: list[bytes]) -> None:
-        _, entries = self.h.acquire(keys)
+        plan, task = self.d.promoter.start(keys)
+        if task is not None:  # reads off the loop: unpin when they are done
+            self.d.promoter.release_when_done(task)
+            return
+        _, entries = acquire_finish(self.h, plan)
         self.h.release([e for e in entries if e is not None])
 
     async def Delete(self, request: pb.DeleteRequest, context: Ctx) -> Any:

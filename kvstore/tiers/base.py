@@ -6,7 +6,8 @@ The hierarchy asks a tier to ``reserve`` room for one block, moves bytes in with
 out with ``read_into`` and gives the room back with ``free``.
 
 Thread contract: ``reserve``, ``write``, ``free``, ``view`` and ``read_into`` are
-called from the thread that owns the hierarchy.  A tier may do its I/O on its own
+called from the thread that owns the hierarchy (``read_many`` too, unless the tier
+sets ``threaded_reads``).  A tier may do its I/O on its own
 threads (the NVMe tier writes through a bounded queue) as long as a
 ``read_into`` issued after a ``write`` returns the written bytes.
 """
@@ -59,12 +60,16 @@ class Tier(ABC):
         host_mapped: clients read and write its bytes in place (shared-memory arena).
         stores_bytes: ``False`` only for the byte-less tier used by trace replay.
         persistent: its blocks survive a restart (offered back by :meth:`recover`).
+        threaded_reads: ``read_many`` may run on another thread while the hierarchy's
+            thread calls ``reserve/write/free`` on other handles (the daemon then
+            promotes from this tier off its event loop).
     """
 
     kind: ClassVar[str] = ""
     host_mapped: ClassVar[bool] = False
     stores_bytes: ClassVar[bool] = True
     persistent: ClassVar[bool] = False
+    threaded_reads: ClassVar[bool] = False
 
     def __init__(self, name: str, capacity_bytes: int) -> None:
         self.name = name

@@ -20,7 +20,8 @@ Life of a block (the handle is a :class:`Slot`, which compaction may move):
 
 Thread contract: ``reserve/write/free/read_into/read_many/flush/compact`` may be
 called from the hierarchy's thread; the tier's own threads touch shared state only
-under ``self._lock``.
+under ``self._lock``.  ``read_into``/``read_many`` may also run on another thread
+(the daemon's promotions) concurrently with the rest on other slots.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class NvmeTier(BatchReadMixin, CompactionMixin, Tier):
 
     kind = "nvme"
     persistent = True
+    threaded_reads = True  # state is under self._lock; compaction already races reads
 
     def __init__(
         self, name: str, capacity_bytes: int, path: Path, options: NvmeOptions | None = None

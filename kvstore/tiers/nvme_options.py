@@ -42,6 +42,8 @@ class NvmeOptions:
             :meth:`NvmeTier.compact`).
         create_dir: create ``path`` when missing (else a missing path is an error).
         index_map_bytes: LMDB map size (an upper bound, not allocated up front).
+        read_delay_ms: for tests only: every ``read_many`` sleeps this long first (a
+            slow disk, deterministically).
     """
 
     segment_bytes: int = 256 << 20
@@ -57,6 +59,7 @@ class NvmeOptions:
     background_compaction: bool = True
     create_dir: bool = True
     index_map_bytes: int = 4 << 30
+    read_delay_ms: float = 0.0
 
     @classmethod
     def known(cls) -> list[str]:
@@ -103,10 +106,10 @@ class NvmeOptions:
                 if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 1:
                     raise ConfigError(f"{f}: expected a number in (0, 1], got {v!r}")
                 o.compact_min_dead_ratio = float(v)
-            elif k == "commit_interval_ms":
+            elif k in ("commit_interval_ms", "read_delay_ms"):
                 if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 10_000:
                     raise ConfigError(f"{f}: expected milliseconds in 0..10000, got {v!r}")
-                o.commit_interval_ms = float(v)
+                setattr(o, k, float(v))
             elif k in ("background_compaction", "create_dir"):
                 if not isinstance(v, bool):
                     raise ConfigError(f"{f}: expected true or false, got {v!r}")

@@ -11,6 +11,7 @@ one bad block in a run fails alone.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -98,24 +99,30 @@ class BatchReadMixin:
             One result per item: ``None`` (read and verified), or the
             :class:`ChecksumMismatch` / :class:`TierIOError` that item raised.
         """
+        if self.opts.read_delay_ms:
+            time.sleep(self.opts.read_delay_ms / 1000)  # tests: a slow disk, deterministically
         with self._lock:
             self.counters["read_many_calls"] += 1
+            # Where each block is now (compaction may move them; _read_run re-checks).
+            where = [(s.seg, s.off) for s, _, _ in items]
         direct: list[int] = []
         jobs: list[list[int]] = []
         for i, (s, _, d) in enumerate(items):
-            if s.seg is not None and len(d) == s.length and is_aligned(d):
+            if where[i][0] is not None and len(d) == s.length and is_aligned(d):
                 direct.append(i)
             else:
                 jobs.append([i])
-        direct.sort(key=lambda i: (items[i][0].seg.id, items[i][0].off))  # type: ignore[union-attr]
+        direct.sort(key=lambda i: (where[i][0].id, where[i][1]))  # type: ignore[union-attr]
         cap = self.opts.read_run_bytes
         run: list[int] = []
         size = 0
         for i in direct:
             s = items[i][0]
+            seg, off = where[i]
             if run:
-                last = items[run[-1]][0]
-                if s.seg is last.seg and s.off == last.off + last.length and size + s.length <= cap:
+                lseg, loff = where[run[-1]]
+                llen = items[run[-1]][0].length
+                if seg is lseg and off == loff + llen and size + s.length <= cap:
                     run.append(i)
                     size += s.length
                     continue
