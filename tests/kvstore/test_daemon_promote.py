@@ -12,9 +12,13 @@ import threading
 import time
 from typing import Any
 
+import grpc
 import numpy as np
+import pytest
 
 from kvstore import Client
+from kvstore._proto import kvstore_pb2 as pb
+from kvstore._proto import kvstore_pb2_grpc as pb_grpc
 from tests.kvstore.conftest import DaemonProc
 from tests.kvstore.helpers import NS, blocks_for, content, popen_client
 
@@ -119,7 +123,7 @@ def test_calls_are_served_during_a_promotion(make_daemon: type[DaemonProc]) -> N
         c.store_tokens(NS, s, blocks_for(NS, s))
         took = time.monotonic() - t0
         assert _in_flight(c) == 1, "the promotion ended before the other calls did"
-        assert took < DELAY_S / 2, took
+        assert took < DELAY_S, took
         a.join(10)
         assert a.error is None and a.took >= DELAY_S * 0.9
         _check(cold, a.views)
@@ -195,13 +199,29 @@ def test_prefetch_promotes_off_the_loop(make_daemon: type[DaemonProc]) -> None:
     _, c = _start(make_daemon)
     with c:
         keys = NS.block_keys(_seq(4))
-        t0 = time.monotonic()
         assert c.prefetch(keys) == 8
-        assert c.lookup(keys).num_cached == 8  # answered while the read runs
-        assert time.monotonic() - t0 < DELAY_S / 2
+        assert c.lookup(keys).num_cached == 8
+        assert _in_flight(c) == 1  # answered while the read runs
         _wait(lambda: _in_flight(c) == 0)
         assert set(c.lookup(keys).tiers) == {"dram"}
         _no_leaks(c)
         views = c.acquire(keys)
         _check(keys, views)
         c.release(keys)
+
+
+def test_session_closed_mid_promotion(make_daemon: type[DaemonProc]) -> None:
+    d, c = _start(make_daemon)
+    with c, grpc.insecure_channel(f"unix:{d.socket}") as ch:
+        stub = pb_grpc.KVStoreStub(ch)
+        sid = stub.OpenSession(pb.OpenSessionRequest(client_name="raw")).session_id
+        keys = NS.block_keys(_seq(2))
+        call = stub.Acquire.future(pb.AcquireRequest(session_id=sid, keys=keys), timeout=10)
+        _wait(lambda: _in_flight(c) == 1)
+        stub.CloseSession(pb.CloseSessionRequest(session_id=sid))
+        with pytest.raises(grpc.RpcError) as ei:
+            call.result()
+        assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "ended while its blocks were read" in str(ei.value.details())
+        _no_leaks(c)
+        assert c.delete(keys) == ["OK"] * 8  # the pins were released, not kept
