@@ -222,19 +222,25 @@ class ChainPolicy(EvictionPolicy):
         if len(hist) > self._hist_limit:
             hist.popitem(last=False)
 
-    def victims(self, n: int, evictable: Callable[[BlockEntry], bool]) -> list[BlockEntry]:
+    def _cold_ends(
+        self,
+    ) -> tuple[OrderedDict[BlockEntry, list[int]], OrderedDict[BlockEntry, list[int]]]:
+        """The segment to evict from first and the other one (rescaling the split
+        when the tier's observed capacity moved: ``observed_capacity`` inlined)."""
         win, main = self._segs
         held, cap = len(win) + len(main), self.capacity_blocks
-        if 2 * held < cap or held > 2 * cap:  # observed_capacity inlined (hot path)
+        if 2 * held < cap or held > 2 * cap:
             self._rescale(max(1, held))
         if self._lru_mode and main and win:
             # LRU mode: the older of the two cold ends goes first.
             older = main[next(iter(main))][3] < win[next(iter(win))][3]
-            first, second = (main, win) if older else (win, main)
-        elif len(win) > self._window or not main:
-            first, second = win, main
-        else:
-            first, second = main, win
+            return (main, win) if older else (win, main)
+        if len(win) > self._window or not main:
+            return win, main
+        return main, win
+
+    def victims(self, n: int, evictable: Callable[[BlockEntry], bool]) -> list[BlockEntry]:
+        first, second = self._cold_ends()
         out: list[BlockEntry] = []
         # A bounded look first: the cold end of one segment is often a parent of
         # blocks in the other (not evictable yet); evict there instead.
@@ -258,16 +264,7 @@ class ChainPolicy(EvictionPolicy):
         # entry of ``first`` (within SCAN_LIMIT), else of ``second``, else of ``first``.
         win, main = self._segs
         while win or main:
-            held, cap = len(win) + len(main), self.capacity_blocks
-            if 2 * held < cap or held > 2 * cap:
-                self._rescale(max(1, held))
-            if self._lru_mode and main and win:
-                older = main[next(iter(main))][3] < win[next(iter(win))][3]
-                first, second = (main, win) if older else (win, main)
-            elif len(win) > self._window or not main:
-                first, second = win, main
-            else:
-                first, second = main, win
+            first, second = self._cold_ends()
             head = next(iter(first))
             if evictable(head):  # the common case: the cold end itself
                 yield head
