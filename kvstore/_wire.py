@@ -16,7 +16,7 @@ import xxhash
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore.errors import DaemonUnavailable, InvalidArgument
 from kvstore.hierarchy import Status
-from kvstore.keys import KEY_BYTES, Namespace
+from kvstore.keys import Namespace, key_length_error
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
@@ -32,12 +32,8 @@ class LookupResult:
 
 def lookup_req(sid: int, keys: Sequence[bytes]) -> Any:
     """A Lookup in the packed form (one bytes field: no per-key protobuf element)."""
-    if set(map(len, keys)) - {KEY_BYTES}:
-        i, k = next((i, k) for i, k in enumerate(keys) if len(k) != KEY_BYTES)
-        raise InvalidArgument(
-            f"keys[{i}] is {len(k)} bytes; block keys are {KEY_BYTES} bytes "
-            "(compute them with kvstore.keys)"
-        )
+    if why := key_length_error(keys):
+        raise InvalidArgument(why)
     return pb.LookupRequest(session_id=sid, packed_keys=b"".join(keys))
 
 

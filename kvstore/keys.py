@@ -46,6 +46,18 @@ class KeyInputError(ValueError):
     """Raised for input that cannot be turned into a key (bad tokens, sizes)."""
 
 
+def key_length_error(keys: Sequence[bytes], field: str = "keys") -> str:
+    """'' when every key is ``KEY_BYTES`` long, else a message naming the first bad one.
+    One C-level pass; the culprit is searched only on error."""
+    if not set(map(len, keys)) - {KEY_BYTES}:
+        return ""
+    i, k = next((i, k) for i, k in enumerate(keys) if len(k) != KEY_BYTES)
+    return (
+        f"{field}[{i}] is {len(k)} bytes; block keys are {KEY_BYTES} bytes "
+        "(compute them with kvstore.keys)"
+    )
+
+
 def unpack_keys(packed: bytes) -> list[bytes]:
     """Splits concatenated 32-byte keys (a multiple of ``KEY_BYTES`` long) in one C pass.
 

@@ -21,7 +21,7 @@ from kvstore._proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.acquire import acquire_finish
 from kvstore.entry import PENDING, READY
 from kvstore.hierarchy import Status
-from kvstore.keys import KEY_BYTES, KeyInputError, Namespace, unpack_keys
+from kvstore.keys import KEY_BYTES, KeyInputError, Namespace, key_length_error, unpack_keys
 from kvstore.sessions import Session
 
 if TYPE_CHECKING:
@@ -86,15 +86,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                 "(server.max_keys_per_request): split the batch",
             )
         out = list(keys)
-        if not sized and set(map(len, out)) - {
-            KEY_BYTES
-        }:  # one C-level pass; find the culprit only on error
-            i, k = next((i, k) for i, k in enumerate(out) if len(k) != KEY_BYTES)
-            _fail(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{field}[{i}] is {len(k)} bytes; block keys are {KEY_BYTES} bytes "
-                "(compute them with kvstore.keys)",
-            )
+        if not sized and (why := key_length_error(out, field)):
+            _fail(grpc.StatusCode.INVALID_ARGUMENT, why)
         if unique and len(set(out)) != len(out):
             _fail(grpc.StatusCode.INVALID_ARGUMENT, f"duplicate keys in {field}")
         return out
