@@ -330,7 +330,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with daemon(store_dir, budget) as sock, contextlib.closing(raw):
         res["prefault_s"] = time.perf_counter() - t0
         stub = client._stub(sock)
-        steps = repeats * (7 + len(peers))
+        steps = (repeats + 1) * (7 + len(peers))
         bar = tqdm(total=steps, desc="weight-swap", unit="step", file=LOG)
 
         def cold_raw() -> None:
@@ -362,7 +362,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         cold: list[Callable[[], None]] = [cold_raw, cold_raw_fresh, cold_kvstore]
         cold += [cold_peer(k, f) for k, f in peers.items()]
-        for r in range(repeats):
+        # Round -1 warms every method up and is not recorded: a process's first call
+        # of anything (thread pools, torch's first ops on a dtype, gRPC's first calls)
+        # costs extra once, in whichever method happens to run first.
+        for r in range(-1, repeats):
+            if r == 0:
+                samples.clear()
+                raw.samples.clear()
             # Cold reads, in a rotated order each round, each after the same cache drop
             # and idle time: this disk is shared and throttled (a read that follows a
             # long idle runs faster than one that follows another read), so no method
@@ -506,7 +512,8 @@ def table(res: dict[str, Any]) -> str:
         ("memcpy (limit)", res["memcpy_gbps"], "", ""),
     ]
     out = [
-        f"model: {gb:.2f} GB, {res['num_tensors']} tensors, {res['repeats']} repeat(s); "
+        f"model: {gb:.2f} GB, {res['num_tensors']} tensors, {res['repeats']} repeat(s) "
+        "after one unrecorded warm-up round; "
         f"cache drop: {res['cache_drop']}",
         f"{'what':<38} {'GB/s':>7} {'spread':>11}  note",
         "-" * 72,
@@ -562,7 +569,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     p.add_argument("--model-bytes", default="", help="size of each synthetic model (default 1GiB)")
     p.add_argument("--hidden", type=int, default=0, help="hidden size of the synthetic models")
-    p.add_argument("--repeats", type=int, default=0, help="measurement rounds (default 3)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=0,
+        help="measurement rounds (default 3; one warm-up round runs first)",
+    )
     p.add_argument("--paths", nargs=2, metavar=("A", "B"), help="real safetensors models")
     p.add_argument("--work-dir", default="", help="where files go (default /var/tmp/...)")
     p.add_argument("--keep", action="store_true", help="keep the work dir")

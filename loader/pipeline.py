@@ -235,8 +235,20 @@ class ReadPipeline:
         self.ring = AlignedRing(ring_buffers, ring_buffer_bytes, ring_backing)
         self.direct = direct
         self.max_inflight = max(1, max_inflight or ring_buffers)
-        self._pool = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="loader-io")
+        self.io_threads = max(1, io_threads)
+        self._pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="loader-io")
         self._lock = threading.Lock()
+
+    def start_threads(self, timeout: float = 10.0) -> int:
+        """Starts every I/O thread now (the pool otherwise spawns them during the first
+        read, which then runs measurably slower).  Returns the number of threads."""
+        n = self.io_threads
+        gate = threading.Barrier(n + 1)
+        futures = [self._pool.submit(gate.wait, timeout) for _ in range(n)]
+        gate.wait(timeout)
+        for f in futures:
+            f.result()
+        return n
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

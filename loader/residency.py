@@ -98,6 +98,8 @@ class ResidencyManager:
             direct=config.direct_io,
             max_inflight=config.max_inflight,
         )
+        # A long-lived daemon: its first load should not pay for spawning the readers.
+        self.pipeline.start_threads()
         self.policy = POLICIES.get(config.policy)(capacity_blocks=64)
         self.counters = ResidencyCounters()
         self._by_uid: dict[str, Resident] = {}

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,25 @@ def test_read_into_host_memory(store: ModelStore, tmp_path: Path, sink_kind: str
     assert bytes(mv) == store.data_path(m).read_bytes()
     mv.release()
     dest.close()
+
+
+def test_start_threads_spawns_every_reader(store: ModelStore, tmp_path: Path) -> None:
+    m = _stored(store, tmp_path)
+    before = {t.ident for t in threading.enumerate()}
+    pipe = ReadPipeline(io_threads=6, ring_buffers=2, ring_buffer_bytes=64 << 10)
+    try:
+        assert pipe.start_threads() == 6
+        readers = [
+            t for t in threading.enumerate() if t.ident not in before and "loader-io" in t.name
+        ]
+        assert len(readers) == 6
+        # The started threads serve reads (none is left blocked on the start gate).
+        dest = bytearray(m.nbytes)
+        pipe.read(store.data_path(m), m.nbytes, CopySink(memoryview(dest)), m.tensors)
+        assert bytes(dest) == store.data_path(m).read_bytes()
+        assert len([t for t in threading.enumerate() if "loader-io" in t.name]) >= 6
+    finally:
+        pipe.close()
 
 
 def test_checksum_mismatch_names_tensor(store: ModelStore, tmp_path: Path) -> None:
