@@ -426,7 +426,9 @@ def bench_byteplane_gpu(quick: bool) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.gpu_bench", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("--cpu", action="store_true", help="CPU twins only (no GPU needed)")
     ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer repetitions")
     ap.add_argument("--out", help="write the results as JSON here")

@@ -218,7 +218,9 @@ def one_round(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.nvme_tier", description=__doc__.splitlines()[0]
+    )
     ap.add_argument(
         "--quick", action="store_true", help="512 MiB, one round (~30 s on a busy disk)"
     )

@@ -49,11 +49,11 @@ def _pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(p * len(xs)))]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.promote_latency", description=__doc__)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--repo", type=Path, default=ROOT)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         sock, cfg = f"{tmp}/kv.sock", Path(tmp) / "kv.toml"
         cfg.write_text(CONFIG)

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +146,8 @@ class RawReader:
         self._shm.madvise(MADV_POPULATE_WRITE)
         self.samples: dict[str, list[float]] = {}
 
-    def _one(self, kind: str, path: Path, nbytes: int) -> float:
+    def read_one(self, kind: str, path: Path, nbytes: int) -> float:
+        """One raw read of ``path`` into destination ``kind`` (ring, anon or shm)."""
         if kind == "ring":
             st = self.pipes[0].read(path, nbytes, NullSink(), None)
         else:
@@ -164,7 +165,7 @@ class RawReader:
         for i, kind in enumerate(("ring", "anon", "shm")):
             if i:
                 drop_caches(files)
-            best = min(best, self._one(kind, path, nbytes))
+            best = min(best, self.read_one(kind, path, nbytes))
         return best
 
     def read_fresh(self, path: Path, nbytes: int) -> float:
@@ -201,10 +202,10 @@ def memcpy_gbps(nbytes: int = 256 << 20) -> float:
 
 # ---------------------------------------------------------------------- daemon
 @contextlib.contextmanager
-def daemon(data_dir: Path, budget: int) -> Iterator[str]:
+def daemon(data_dir: Path, budget: int, extra: Sequence[str] = ()) -> Iterator[str]:
     sock = str(Path(tempfile.mkdtemp(prefix="kvws", dir="/tmp")) / "models.sock")
     cmd = [sys.executable, "-m", "loader.service", "--data-dir", str(data_dir)]
-    cmd += ["--socket", sock, "--dram-budget", str(budget), "--wait-prefault"]
+    cmd += ["--socket", sock, "--dram-budget", str(budget), "--wait-prefault", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None

@@ -223,6 +223,8 @@ _BENCHES = {
     "nvme": "bench.nvme_tier",
     "gpu": "bench.gpu_bench",
     "weight-swap": "bench.weight_swap",
+    "load-gap": "bench.load_gap",
+    "promote-latency": "bench.promote_latency",
 }
 
 

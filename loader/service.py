@@ -194,6 +194,7 @@ async def _serve(args: argparse.Namespace) -> None:
         dram_budget=parse_size(args.dram_budget, "--dram-budget") if args.dram_budget else 0,
         prefault=not args.no_prefault,
         direct_io=not args.buffered,
+        verify_checksums=not args.no_verify,
     )
     server = grpc.aio.server()
     register(server, Path(args.data_dir), options)
@@ -219,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dram-budget", default="", help="e.g. 4GiB (default: auto)")
     p.add_argument("--no-prefault", action="store_true")
     p.add_argument("--buffered", action="store_true", help="no O_DIRECT")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the per-tensor checksums on load (diagnosis only: corrupt data goes unnoticed)",
+    )
     p.add_argument("--wait-prefault", action="store_true", help="print 'ready' after prefault")
     args = p.parse_args(argv)
     try:

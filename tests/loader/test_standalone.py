@@ -7,9 +7,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 
 from loader import client
+from loader.errors import ModelChecksumError
 from loader.store import ModelStore
 from tests.loader.conftest import small_model, write_model
 
@@ -39,3 +41,37 @@ def test_daemon_process_serves_and_client_maps(tmp_path: Path) -> None:
     # The arena file is gone with the daemon; the client's views stay valid (mapped).
     assert torch.equal(got["embed.weight"], ref["embed.weight"])
     assert not list(Path("/dev/shm").glob(f"kvstore-models-{proc.pid}-*"))
+
+
+def test_no_verify_flag_skips_checksums_and_nothing_else(tmp_path: Path) -> None:
+    """``--no-verify`` (a diagnosis switch for bench.load_gap) really skips the check:
+    a flipped byte fails the load by default and passes with the flag."""
+    ref = small_model(4)
+    with ModelStore(tmp_path / "d") as st:
+        m = st.add("m", write_model(tmp_path / "m.safetensors", ref))
+        t = next(t for t in m.tensors if t.name == "layers.1.mlp.up")
+        with open(st.data_path(m), "r+b") as f:
+            f.seek(t.offset)
+            b = f.read(1)
+            f.seek(t.offset)
+            f.write(bytes([b[0] ^ 0x01]))
+    for flags, ok in (([], False), (["--no-verify"], True)):
+        sock = str(Path(tempfile.mkdtemp(dir="/tmp")) / "m.sock")
+        cmd = [sys.executable, "-m", "loader.service", "--data-dir", str(tmp_path / "d")]
+        cmd += ["--socket", sock, "--dram-budget", "16MiB", "--wait-prefault", *flags]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().startswith("ready")
+            if ok:
+                got = client.load_model(sock, "m")
+                assert not torch.equal(got["layers.1.mlp.up"], ref["layers.1.mlp.up"])
+                assert torch.equal(got["layers.0.mlp.up"], ref["layers.0.mlp.up"])
+                del got
+            else:
+                with pytest.raises(ModelChecksumError, match="layers.1.mlp.up"):
+                    client.load_model(sock, "m")
+        finally:
+            proc.terminate()
+            assert proc.wait(20) == 0
+            assert proc.stdout is not None
+            proc.stdout.close()
