@@ -35,7 +35,7 @@ import torch
 
 from kvstore.config import parse_size
 from loader import client
-from loader.arena import MADV_POPULATE_WRITE
+from loader.physmem import MADV_POPULATE_WRITE, soaked_small_blocks
 from loader.pipeline import HostSink, NullSink, ReadPipeline
 from loader.store import ModelStore, resolve_sources
 
@@ -133,17 +133,20 @@ class RawReader:
     """
 
     def __init__(self, nbytes: int) -> None:
-        self.pipes = [raw_pipeline(), ReadPipeline(64, 1, 8 << 20, max_inflight=64)]
-        self._anon = mmap.mmap(-1, nbytes)
-        self._anon.madvise(MADV_POPULATE_WRITE)
-        self._shm_path = Path(f"/dev/shm/kvstore-bench-raw-{os.getpid()}")
-        fd = os.open(self._shm_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            os.ftruncate(fd, nbytes)
-            self._shm = mmap.mmap(fd, nbytes)
-        finally:
-            os.close(fd)
-        self._shm.madvise(MADV_POPULATE_WRITE)
+        # Faulted in while the kernel's scattered free pages are held aside, as the
+        # daemon's arena is: the limit is the disk's, not a fragmented buffer's.
+        with soaked_small_blocks(max(256 << 20, nbytes // 2)):
+            self.pipes = [raw_pipeline(), ReadPipeline(64, 1, 8 << 20, max_inflight=64)]
+            self._anon = mmap.mmap(-1, nbytes)
+            self._anon.madvise(MADV_POPULATE_WRITE)
+            self._shm_path = Path(f"/dev/shm/kvstore-bench-raw-{os.getpid()}")
+            fd = os.open(self._shm_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                os.ftruncate(fd, nbytes)
+                self._shm = mmap.mmap(fd, nbytes)
+            finally:
+                os.close(fd)
+            self._shm.madvise(MADV_POPULATE_WRITE)
         self.samples: dict[str, list[float]] = {}
 
     def read_one(self, kind: str, path: Path, nbytes: int) -> float:

@@ -1,0 +1,83 @@
+"""Scattered free pages kept out of the model arena (loader/physmem.py)."""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+import psutil
+import pytest
+
+from loader.arena import ModelArena
+from loader.physmem import small_free_bytes, soaked_small_blocks
+
+BUDDYINFO = """\
+Node 0, zone      DMA      0      0      0      0      0      0      0      0      1      1      3
+Node 0, zone    DMA32      2      3      0      2      3      2      1      4      4      2    752
+Node 0, zone   Normal   8702   4816   5015   4643   3725   2404   1811   1330    731    681   3199
+Node 1, zone   Normal     10      0      0      0      0      0      0      0      0      0      1
+"""
+PAGE = mmap.PAGESIZE
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "buddyinfo"
+    p.write_text(text)
+    return p
+
+
+def test_small_free_bytes_sums_low_orders_of_every_zone(tmp_path: Path) -> None:
+    info = _write(tmp_path, BUDDYINFO)
+    want = sum(
+        n * (PAGE << o)
+        for counts in ([0, 0, 0, 0], [2, 3, 0, 2], [8702, 4816, 5015, 4643], [10, 0, 0, 0])
+        for o, n in enumerate(counts)
+    )
+    assert small_free_bytes(3, info) == want
+    assert small_free_bytes(0, info) == (2 + 8702 + 10) * PAGE
+
+
+@pytest.mark.parametrize("text", ["", "garbage\n", "Node 0, zone Normal x y z\n", "Node 0, zone\n"])
+def test_small_free_bytes_tolerates_odd_files(tmp_path: Path, text: str) -> None:
+    assert small_free_bytes(3, _write(tmp_path, text)) == 0
+
+
+def test_small_free_bytes_without_the_file(tmp_path: Path) -> None:
+    assert small_free_bytes(3, tmp_path / "missing") == 0
+
+
+def test_soak_holds_at_most_the_limit_and_gives_it_back(tmp_path: Path) -> None:
+    info = _write(tmp_path, "Node 0, zone   Normal   4096   0   0   0\n")  # 16 MiB
+    rss0 = psutil.Process().memory_info().rss
+    with soaked_small_blocks(8 << 20, info) as held:
+        assert held == 8 << 20  # the limit, not the 16 MiB free
+        grown = psutil.Process().memory_info().rss - rss0
+        assert grown >= (8 << 20) * 0.9  # really faulted in, not just reserved
+    assert psutil.Process().memory_info().rss - rss0 < 2 << 20
+    with soaked_small_blocks(1 << 30, info) as held:
+        assert held == 4096 * PAGE
+    with soaked_small_blocks(0, info) as held:
+        assert held == 0
+
+
+def test_soak_is_released_when_the_block_raises(tmp_path: Path) -> None:
+    info = _write(tmp_path, "Node 0, zone   Normal   4096   0   0   0\n")
+    rss0 = psutil.Process().memory_info().rss
+    with pytest.raises(RuntimeError), soaked_small_blocks(16 << 20, info):
+        raise RuntimeError("boom")
+    assert psutil.Process().memory_info().rss - rss0 < 2 << 20
+
+
+def test_arena_prefault_covers_every_page(tmp_path: Path) -> None:
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    arena = ModelArena(shm, 200 << 20, prefault=True)
+    try:
+        assert arena.wait_prefaulted(60)
+        assert arena.prefaulted == arena.size
+        assert arena.soaked >= 0
+        # Every page is resident (populated from the top down, in 64 MiB steps).
+        rss = psutil.Process().memory_full_info()
+        assert rss.shared >= arena.size * 0.95 or rss.rss >= arena.size * 0.95
+    finally:
+        arena.close()
