@@ -15,7 +15,8 @@ repeats every configuration on N fresh daemons):
   4 KiB page of every tensor touched (what ``bench.weight_swap`` calls a cold load).
 
 The table gives the means and each as a ratio of the raw read's mean: the steps a
-load adds to the disk's read, one by one.
+load adds to the disk's read, one by one; and each daemon's start-up time (until its
+arena is pre-faulted).
 """
 
 from __future__ import annotations
@@ -90,7 +91,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, flags, populate in runs:
             samples: dict[str, list[float]] = {k: [] for k in STEPS}
             budget = int(m.nbytes * 1.1) + (64 << 20)
+            t0 = time.perf_counter()
             with ws.daemon(work / "store", budget, flags) as sock:
+                start_s = time.perf_counter() - t0  # to "ready": the arena pre-faulted
                 stub = client._stub(sock)
                 _load(stub, m.nbytes, populate)  # warm-up, not recorded
                 for _ in range(args.rounds):
@@ -101,6 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         samples[k].append(v)
                     bar.update()
             res["configs"][name] = {k: [round(x, 4) for x in v] for k, v in samples.items()}
+            res["configs"][name]["daemon_start_s"] = round(start_s, 3)
     finally:
         bar.close()
         raw.close()
@@ -116,8 +120,8 @@ def table(res: dict[str, Any]) -> str:
     out = [
         f"model: {res['model_bytes'] / 1e9:.2f} GB; means of {res['rounds']} rounds, "
         "seconds (x the raw read's mean)",
-        head + f" {'+ touch':>14}",
-        "-" * (len(head) + 15),
+        head + f" {'+ touch':>14} {'start':>6}",
+        "-" * (len(head) + 22),
     ]
     for name, s in res["configs"].items():
         raw = statistics.mean(s["raw_s"])
@@ -125,6 +129,7 @@ def table(res: dict[str, Any]) -> str:
         for k, w in (("daemon_read_s", 12), ("open_s", 12), ("touched_s", 14)):
             v = statistics.mean(s[k])
             cells.append(f"{f'{v:.3f} ({v / raw:.2f})':>{w}}")
+        cells.append(f"{s['daemon_start_s']:>5.1f}s")
         out.append(f"{name:<41} " + " ".join(cells))
     return "\n".join(out)
 

@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -27,6 +28,8 @@ from loader.physmem import MADV_POPULATE_WRITE, soaked_small_blocks
 
 EXTENT_ALIGN = 64 << 10
 _PREFAULT_STEP = 64 << 20
+ARENA_SOAK_ORDER = 8
+"""Free blocks below 2 MiB (up to 2**8 pages) are held aside while the arena is faulted in."""
 
 
 class ExtentAllocator:
@@ -106,6 +109,7 @@ class ModelArena:
         self.allocator = ExtentAllocator(size)
         self.prefaulted = 0
         self.soaked = 0  # bytes of scattered free pages held aside while pre-faulting
+        self.prefault_seconds = 0.0
         self._stop = threading.Event()
         self._prefault_done = threading.Event()
         self._thread: threading.Thread | None = None
@@ -124,11 +128,14 @@ class ModelArena:
         # The kernel's scattered free pages go to a throw-away mapping meanwhile, so
         # the arena gets contiguous ones: direct reads into scattered pages are split
         # into more requests and ran up to 1.6x slower here (loader/physmem.py).
-        limit = min(max(256 << 20, self.size // 2), psutil.virtual_memory().available // 8)
+        t0 = time.perf_counter()
         try:
-            with soaked_small_blocks(limit) as self.soaked:
+            with soaked_small_blocks(
+                psutil.virtual_memory().available // 4, ARENA_SOAK_ORDER
+            ) as self.soaked:
                 self._prefault_pages()
         finally:
+            self.prefault_seconds = time.perf_counter() - t0
             self._prefault_done.set()
 
     def _prefault_pages(self) -> None:

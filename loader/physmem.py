@@ -59,11 +59,14 @@ def small_free_bytes(
 
 
 @contextlib.contextmanager
-def soaked_small_blocks(limit: int, buddyinfo: str | Path = "/proc/buddyinfo") -> Iterator[int]:
-    """Holds up to ``limit`` bytes of the kernel's scattered free pages for the
-    duration of the ``with`` block (fault the buffer in inside it); yields the bytes
-    held.  They are returned to the kernel on exit, exceptions included."""
-    n = min(small_free_bytes(buddyinfo=buddyinfo), max(0, limit))
+def soaked_small_blocks(
+    limit: int, max_order: int = SMALL_ORDER, buddyinfo: str | Path = "/proc/buddyinfo"
+) -> Iterator[int]:
+    """Holds up to ``limit`` bytes of the kernel's free blocks of at most
+    ``2**max_order`` pages for the duration of the ``with`` block (fault the buffer in
+    inside it); yields the bytes held.  They are returned to the kernel on exit,
+    exceptions included."""
+    n = min(small_free_bytes(max_order, buddyinfo), max(0, limit))
     n -= n % mmap.PAGESIZE
     if n <= 0:
         yield 0

@@ -304,6 +304,8 @@ class ResidencyManager:
                 "dram_budget": a.size if a is not None else self.config.dram_budget,
                 "dram_used": a.size - a.allocator.free_bytes if a is not None else 0,
                 "prefaulted": a.prefaulted if a is not None else 0,
+                "prefault_soaked": a.soaked if a is not None else 0,
+                "prefault_seconds": round(a.prefault_seconds, 3) if a is not None else 0.0,
                 "resident": sorted(r.name for r in self._by_uid.values()),
                 "loads": c.loads,
                 "load_bytes": c.load_bytes,

@@ -22,7 +22,8 @@ def test_load_gap_small_run(tmp_path: Path) -> None:
     assert len(res["configs"]) == 6  # 3 configurations x 2 daemons
     assert sum(name.endswith(" #2") for name in res["configs"]) == 3
     for name, s in res["configs"].items():
-        assert set(s) == {"raw_s", "daemon_read_s", "open_s", "touched_s"}, name
+        assert set(s) == {"raw_s", "daemon_read_s", "open_s", "touched_s", "daemon_start_s"}
+        assert s.pop("daemon_start_s") > 0
         for k, v in s.items():
             assert len(v) == 2 and all(x > 0 for x in v), (name, k)
         # Each step contains the one before it (the client's clock includes the

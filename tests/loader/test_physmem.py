@@ -49,21 +49,21 @@ def test_small_free_bytes_without_the_file(tmp_path: Path) -> None:
 def test_soak_holds_at_most_the_limit_and_gives_it_back(tmp_path: Path) -> None:
     info = _write(tmp_path, "Node 0, zone   Normal   4096   0   0   0\n")  # 16 MiB
     rss0 = psutil.Process().memory_info().rss
-    with soaked_small_blocks(8 << 20, info) as held:
+    with soaked_small_blocks(8 << 20, buddyinfo=info) as held:
         assert held == 8 << 20  # the limit, not the 16 MiB free
         grown = psutil.Process().memory_info().rss - rss0
         assert grown >= (8 << 20) * 0.9  # really faulted in, not just reserved
     assert psutil.Process().memory_info().rss - rss0 < 2 << 20
-    with soaked_small_blocks(1 << 30, info) as held:
+    with soaked_small_blocks(1 << 30, buddyinfo=info) as held:
         assert held == 4096 * PAGE
-    with soaked_small_blocks(0, info) as held:
+    with soaked_small_blocks(0, buddyinfo=info) as held:
         assert held == 0
 
 
 def test_soak_is_released_when_the_block_raises(tmp_path: Path) -> None:
     info = _write(tmp_path, "Node 0, zone   Normal   4096   0   0   0\n")
     rss0 = psutil.Process().memory_info().rss
-    with pytest.raises(RuntimeError), soaked_small_blocks(16 << 20, info):
+    with pytest.raises(RuntimeError), soaked_small_blocks(16 << 20, buddyinfo=info):
         raise RuntimeError("boom")
     assert psutil.Process().memory_info().rss - rss0 < 2 << 20
 
