@@ -17,7 +17,9 @@ process to the next.
 
 :func:`soaked_small_blocks` takes those small free blocks (``/proc/buddyinfo``) into
 a throw-away anonymous mapping while the caller faults in its buffer, then gives
-them back.
+them back.  Requests stop being split at runs of 32 KiB (order 3, the default), but
+runs of 64-512 KiB still read slower than runs of megabytes here, so the model arena
+holds aside every free block below 2 MiB (``loader.arena.ARENA_SOAK_ORDER``).
 """
 
 from __future__ import annotations
@@ -68,20 +70,30 @@ def soaked_small_blocks(
     exceptions included."""
     n = min(small_free_bytes(max_order, buddyinfo), max(0, limit))
     n -= n % mmap.PAGESIZE
-    if n <= 0:
-        yield 0
-        return
-    soak = mmap.mmap(-1, n)
+    soak = _hold(n) if n > 0 else None
     try:
-        # Single pages, never huge ones: a huge page would come from a large block,
-        # the memory this is meant to leave to the caller.
-        with contextlib.suppress(AttributeError, OSError):
-            soak.madvise(mmap.MADV_NOHUGEPAGE)
-        try:
-            soak.madvise(MADV_POPULATE_WRITE)
-        except OSError:
-            for p in range(0, n, mmap.PAGESIZE):
-                soak[p] = 1
-        yield n
+        yield len(soak) if soak is not None else 0
     finally:
+        if soak is not None:
+            soak.close()
+
+
+def _hold(n: int) -> mmap.mmap | None:
+    """``n`` bytes of single pages, faulted in; ``None`` when the kernel will not
+    (then the caller goes on without: holding pages aside is an optimisation)."""
+    try:
+        soak = mmap.mmap(-1, n)
+    except OSError:
+        return None
+    # Single pages, never huge ones: a huge page would come from a large block,
+    # the memory this is meant to leave to the caller.
+    with contextlib.suppress(AttributeError, OSError):
+        soak.madvise(mmap.MADV_NOHUGEPAGE)
+    try:
+        soak.madvise(MADV_POPULATE_WRITE)
+    except OSError:
+        # No MADV_POPULATE_WRITE (Linux < 5.14) or no memory for it: hold nothing
+        # rather than touch pages one by one into an out-of-memory kill.
         soak.close()
+        return None
+    return soak

@@ -81,3 +81,20 @@ def test_arena_prefault_covers_every_page(tmp_path: Path) -> None:
         assert rss.shared >= arena.size * 0.95 or rss.rss >= arena.size * 0.95
     finally:
         arena.close()
+
+
+def test_soak_goes_on_without_when_the_kernel_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Holding pages aside is an optimisation: a refused mapping or populate means
+    nothing is held, never an error (and never a page-by-page touch)."""
+    import loader.physmem as pm
+
+    info = _write(tmp_path, "Node 0, zone   Normal   4096   0   0   0\n")
+
+    def refuse(*a: object, **k: object) -> None:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(pm.mmap, "mmap", refuse)
+    with soaked_small_blocks(8 << 20, buddyinfo=info) as held:
+        assert held == 0
