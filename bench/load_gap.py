@@ -45,7 +45,7 @@ CONFIGS: dict[str, tuple[list[str], bool]] = {
 STEPS = ("raw_s", "daemon_read_s", "open_s", "touched_s")
 
 
-def _load(stub: Any, nbytes: int, populate: bool) -> tuple[float, float, float]:
+def _load(stub: Any, populate: bool) -> tuple[float, float, float]:
     t0 = time.perf_counter()
     loaded = client.open_model(stub, "M", session_id=1, populate=populate)
     opened = time.perf_counter() - t0
@@ -95,12 +95,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             with ws.daemon(work / "store", budget, flags) as sock:
                 start_s = time.perf_counter() - t0  # to "ready": the arena pre-faulted
                 stub = client._stub(sock)
-                _load(stub, m.nbytes, populate)  # warm-up, not recorded
+                _load(stub, populate)  # warm-up, not recorded
                 for _ in range(args.rounds):
                     ws.drop_caches([data])
                     samples["raw_s"].append(raw.read_one("shm", data, m.nbytes))
                     ws.drop_caches([data])
-                    for k, v in zip(STEPS[1:], _load(stub, m.nbytes, populate), strict=True):
+                    for k, v in zip(STEPS[1:], _load(stub, populate), strict=True):
                         samples[k].append(v)
                     bar.update()
             res["configs"][name] = {k: [round(x, 4) for x in v] for k, v in samples.items()}
