@@ -130,9 +130,10 @@ class ModelArena:
         # into more requests and ran up to 1.6x slower here (loader/physmem.py).
         t0 = time.perf_counter()
         try:
-            with soaked_small_blocks(
-                psutil.virtual_memory().available // 4, ARENA_SOAK_ORDER
-            ) as self.soaked:
+            # At most twice the arena (a small arena need not wait for gigabytes) and a
+            # quarter of available memory.
+            limit = min(2 * self.size, psutil.virtual_memory().available // 4)
+            with soaked_small_blocks(limit, ARENA_SOAK_ORDER) as self.soaked:
                 self._prefault_pages()
         finally:
             self.prefault_seconds = time.perf_counter() - t0

@@ -75,7 +75,7 @@ def test_arena_prefault_covers_every_page(tmp_path: Path) -> None:
     try:
         assert arena.wait_prefaulted(60)
         assert arena.prefaulted == arena.size
-        assert arena.soaked >= 0
+        assert 0 <= arena.soaked <= 2 * arena.size  # bounded by the arena, not the box
         # Every page is resident (populated from the top down, in 64 MiB steps).
         rss = psutil.Process().memory_full_info()
         assert rss.shared >= arena.size * 0.95 or rss.rss >= arena.size * 0.95
