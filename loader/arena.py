@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 
 from loader.errors import ModelStoreError
-from loader.physmem import MADV_POPULATE_WRITE, soaked_small_blocks
+from loader.physmem import MADV_POPULATE_WRITE, one_cpu, soaked_small_blocks
 
 EXTENT_ALIGN = 64 << 10
 _PREFAULT_STEP = 64 << 20
@@ -133,7 +133,9 @@ class ModelArena:
             # At most twice the arena (a small arena need not wait for gigabytes) and a
             # quarter of available memory.
             limit = min(2 * self.size, psutil.virtual_memory().available // 4)
-            with soaked_small_blocks(limit, ARENA_SOAK_ORDER) as self.soaked:
+            # On one CPU throughout: free pages are cached per CPU, so pages held aside
+            # on one CPU would leave the other CPU's scattered cache to the arena.
+            with one_cpu(), soaked_small_blocks(limit, ARENA_SOAK_ORDER) as self.soaked:
                 self._prefault_pages()
         finally:
             self.prefault_seconds = time.perf_counter() - t0

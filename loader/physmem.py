@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -97,3 +99,30 @@ def _hold(n: int) -> mmap.mmap | None:
         soak.close()
         return None
     return soak
+
+
+@contextlib.contextmanager
+def one_cpu() -> Iterator[int]:
+    """Runs the calling thread on one CPU for the ``with`` block; yields the CPU, or
+    -1 when affinity cannot be set (then nothing changes).
+
+    The kernel keeps a cache of free single pages per CPU, refilled from (and
+    filled with pages freed on) that CPU.  Holding pages aside and then faulting a
+    buffer in on the same CPU means the buffer is served from what the hold left:
+    large blocks.  Measured: with the two steps free to run on either of 2 CPUs,
+    2 of 6 fresh daemons still read into scattered pages (440 and 662 requests per
+    GB instead of 264, 1.4-1.9x slower).
+    """
+    tid = threading.get_native_id()
+    try:
+        before = os.sched_getaffinity(tid)
+        cpu = min(before)
+        os.sched_setaffinity(tid, {cpu})
+    except (AttributeError, OSError, ValueError):
+        yield -1
+        return
+    try:
+        yield cpu
+    finally:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(tid, before)

@@ -98,3 +98,20 @@ def test_soak_goes_on_without_when_the_kernel_refuses(
     monkeypatch.setattr(pm.mmap, "mmap", refuse)
     with soaked_small_blocks(8 << 20, buddyinfo=info) as held:
         assert held == 0
+
+
+def test_one_cpu_pins_the_thread_and_restores_it() -> None:
+    import os
+    import threading
+
+    from loader.physmem import one_cpu
+
+    tid = threading.get_native_id()
+    before = os.sched_getaffinity(tid)
+    with one_cpu() as cpu:
+        assert cpu in before
+        assert os.sched_getaffinity(tid) == {cpu}
+    assert os.sched_getaffinity(tid) == before
+    with pytest.raises(RuntimeError), one_cpu():
+        raise RuntimeError("boom")
+    assert os.sched_getaffinity(tid) == before
