@@ -14,6 +14,9 @@ repeats every configuration on N fresh daemons):
   answer), ``open_model`` returning (two RPCs and the client's mapping), and every
   4 KiB page of every tensor touched (what ``bench.weight_swap`` calls a cold load).
 
+Both also count the read requests the block device completed (``/sys/dev/block``):
+more requests than the raw read's means the destination's pages were scattered.
+
 The table gives the means and each as a ratio of the raw read's mean: the steps a
 load adds to the disk's read, one by one; and each daemon's start-up time (until its
 arena is pre-faulted).
@@ -24,10 +27,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +48,25 @@ CONFIGS: dict[str, tuple[list[str], bool]] = {
     "checksums on, no populate": ([], False),
 }
 STEPS = ("raw_s", "daemon_read_s", "open_s", "touched_s")
+
+
+def read_requests(path: Path) -> Callable[[], int]:
+    """A counter of read requests completed by the block device holding ``path``
+    (``/sys/dev/block/MAJ:MIN/stat``); it always answers 0 where there is none.
+
+    A direct read into scattered pages needs more scatter-gather segments, so the
+    block layer splits it into more requests: this counter shows it."""
+    st = Path(
+        f"/sys/dev/block/{os.major(os.stat(path).st_dev)}:{os.minor(os.stat(path).st_dev)}/stat"
+    )
+
+    def count() -> int:
+        try:
+            return int(st.read_text().split()[0])
+        except (OSError, IndexError, ValueError):
+            return 0
+
+    return count
 
 
 def _load(stub: Any, populate: bool) -> tuple[float, float, float]:
@@ -79,6 +103,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "configs": {},
     }
     raw = ws.RawReader(m.nbytes)
+    requests = read_requests(data)
     bar = tqdm(
         total=len(CONFIGS) * args.daemons * args.rounds, desc="load-gap", unit="round", file=ws.LOG
     )
@@ -89,7 +114,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for name, (flags, populate) in CONFIGS.items()
         ]
         for name, flags, populate in runs:
-            samples: dict[str, list[float]] = {k: [] for k in STEPS}
+            samples: dict[str, list[float]] = {
+                k: [] for k in (*STEPS, "raw_requests", "load_requests")
+            }
             budget = int(m.nbytes * 1.1) + (64 << 20)
             t0 = time.perf_counter()
             with ws.daemon(work / "store", budget, flags) as sock:
@@ -98,12 +125,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 _load(stub, populate)  # warm-up, not recorded
                 for _ in range(args.rounds):
                     ws.drop_caches([data])
+                    r0 = requests()
                     samples["raw_s"].append(raw.read_one("shm", data, m.nbytes))
+                    samples["raw_requests"].append(requests() - r0)
                     ws.drop_caches([data])
+                    r0 = requests()
                     for k, v in zip(STEPS[1:], _load(stub, populate), strict=True):
                         samples[k].append(v)
+                    samples["load_requests"].append(requests() - r0)
                     bar.update()
             res["configs"][name] = {k: [round(x, 4) for x in v] for k, v in samples.items()}
+            for k in ("raw_requests", "load_requests"):
+                res["configs"][name][k] = [int(x) for x in samples[k]]
             res["configs"][name]["daemon_start_s"] = round(start_s, 3)
     finally:
         bar.close()
@@ -120,8 +153,8 @@ def table(res: dict[str, Any]) -> str:
     out = [
         f"model: {res['model_bytes'] / 1e9:.2f} GB; means of {res['rounds']} rounds, "
         "seconds (x the raw read's mean)",
-        head + f" {'+ touch':>14} {'start':>6}",
-        "-" * (len(head) + 22),
+        head + f" {'+ touch':>14} {'start':>6} {'requests (raw/load)':>20}",
+        "-" * (len(head) + 43),
     ]
     for name, s in res["configs"].items():
         raw = statistics.mean(s["raw_s"])
@@ -130,6 +163,8 @@ def table(res: dict[str, Any]) -> str:
             v = statistics.mean(s[k])
             cells.append(f"{f'{v:.3f} ({v / raw:.2f})':>{w}}")
         cells.append(f"{s['daemon_start_s']:>5.1f}s")
+        rq = f"{statistics.mean(s['raw_requests']):.0f}/{statistics.mean(s['load_requests']):.0f}"
+        cells.append(f"{rq:>20}")
         out.append(f"{name:<41} " + " ".join(cells))
     return "\n".join(out)
 

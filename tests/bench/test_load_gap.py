@@ -22,8 +22,14 @@ def test_load_gap_small_run(tmp_path: Path) -> None:
     assert len(res["configs"]) == 6  # 3 configurations x 2 daemons
     assert sum(name.endswith(" #2") for name in res["configs"]) == 3
     for name, s in res["configs"].items():
-        assert set(s) == {"raw_s", "daemon_read_s", "open_s", "touched_s", "daemon_start_s"}
+        assert set(s) == {
+            *("raw_s", "daemon_read_s", "open_s", "touched_s", "daemon_start_s"),
+            *("raw_requests", "load_requests"),
+        }
         assert s.pop("daemon_start_s") > 0
+        # Counted when the data sits on a block device (0 on e.g. an overlay or tmpfs).
+        for k in ("raw_requests", "load_requests"):
+            assert len(s[k]) == 2 and all(isinstance(x, int) and x >= 0 for x in s.pop(k))
         for k, v in s.items():
             assert len(v) == 2 and all(x > 0 for x in v), (name, k)
         # Each step contains the one before it (the client's clock includes the
@@ -32,6 +38,7 @@ def test_load_gap_small_run(tmp_path: Path) -> None:
         for read, opened, touched in steps:
             assert read <= opened <= touched, name
     assert "checksums off" in out.stderr and "+ touch" in out.stderr
+    assert "requests (raw/load)" in out.stderr
     assert not (tmp_path / "w").exists()  # cleaned up without --keep
 
 
@@ -40,3 +47,28 @@ def test_load_gap_rejects_bad_counts() -> None:
         cmd = [sys.executable, "-m", "bench.load_gap", *bad]
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and "at least 1" in out.stderr
+
+
+def test_read_requests_counts_a_direct_read(tmp_path: Path) -> None:
+    import mmap
+    import os
+
+    import pytest
+
+    from bench.load_gap import read_requests
+
+    f = tmp_path / "data"
+    f.write_bytes(os.urandom(1 << 20))
+    dev = os.stat(f).st_dev
+    if not Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat").exists():
+        pytest.skip(f"{tmp_path} is not on a block device (no request counter)")
+    count = read_requests(f)
+    before = count()
+    fd = os.open(f, os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, 1 << 20)
+    try:
+        assert os.preadv(fd, [buf], 0) == 1 << 20
+    finally:
+        os.close(fd)
+        buf.close()
+    assert count() > before
