@@ -127,7 +127,7 @@ class ModelArena:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         # The kernel's scattered free pages go to a throw-away mapping meanwhile, so
         # the arena gets contiguous ones: direct reads into scattered pages are split
-        # into more requests and ran up to 1.6x slower here (loader/physmem.py).
+        # into more requests and ran up to 3.7x slower here (loader/physmem.py).
         t0 = time.perf_counter()
         try:
             # At most twice the arena (a small arena need not wait for gigabytes) and a
