@@ -35,7 +35,8 @@ import torch
 
 from kvstore.config import parse_size
 from loader import client
-from loader.physmem import MADV_POPULATE_WRITE, soaked_small_blocks
+from loader.arena import ARENA_SOAK_ORDER
+from loader.physmem import MADV_POPULATE_WRITE, one_cpu, soaked_small_blocks
 from loader.pipeline import HostSink, NullSink, ReadPipeline
 from loader.store import ModelStore, resolve_sources
 
@@ -135,7 +136,7 @@ class RawReader:
     def __init__(self, nbytes: int) -> None:
         # Faulted in while the kernel's scattered free pages are held aside, as the
         # daemon's arena is: the limit is the disk's, not a fragmented buffer's.
-        with soaked_small_blocks(max(256 << 20, nbytes // 2)):
+        with one_cpu(), soaked_small_blocks(2 * nbytes, ARENA_SOAK_ORDER):
             self.pipes = [raw_pipeline(), ReadPipeline(64, 1, 8 << 20, max_inflight=64)]
             self._anon = mmap.mmap(-1, nbytes)
             self._anon.madvise(MADV_POPULATE_WRITE)

@@ -111,7 +111,7 @@ def one_cpu() -> Iterator[int]:
     buffer in on the same CPU means the buffer is served from what the hold left:
     large blocks.  Measured: with the two steps free to run on either of 2 CPUs,
     2 of 6 fresh daemons still read into scattered pages (440 and 662 requests per
-    GB instead of 264, 1.4-1.9x slower).
+    GB instead of 264, 1.3-3.7x slower).
     """
     tid = threading.get_native_id()
     try:
