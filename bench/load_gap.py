@@ -36,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench import weight_limits as lim
 from bench import weight_swap as ws
 from kvstore.config import parse_size
 from loader import client
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "daemons": args.daemons,
         "configs": {},
     }
-    raw = ws.RawReader(m.nbytes)
+    raw = lim.RawReader(m.nbytes)
     requests = read_requests(data)
     bar = tqdm(
         total=len(CONFIGS) * args.daemons * args.rounds, desc="load-gap", unit="round", file=ws.LOG
@@ -119,16 +120,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             budget = int(m.nbytes * 1.1) + (64 << 20)
             t0 = time.perf_counter()
-            with ws.daemon(work / "store", budget, flags) as sock:
+            with lim.daemon(work / "store", budget, flags) as sock:
                 start_s = time.perf_counter() - t0  # to "ready": the arena pre-faulted
                 stub = client._stub(sock)
                 _load(stub, populate)  # warm-up, not recorded
                 for _ in range(args.rounds):
-                    ws.drop_caches([data])
+                    lim.drop_caches([data])
                     r0 = requests()
                     samples["raw_s"].append(raw.read_one("shm", data, m.nbytes))
                     samples["raw_requests"].append(requests() - r0)
-                    ws.drop_caches([data])
+                    lim.drop_caches([data])
                     r0 = requests()
                     for k, v in zip(STEPS[1:], _load(stub, populate), strict=True):
                         samples[k].append(v)
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.rounds < 1 or args.daemons < 1:
         p.error("--rounds and --daemons: at least 1")
-    ws.OPTIONS.update(settle_s=args.settle, global_drop=not args.no_drop_caches)
+    lim.OPTIONS.update(settle_s=args.settle, global_drop=not args.no_drop_caches)
     res = run(args)
     print(table(res), file=sys.stderr)
     if args.json:

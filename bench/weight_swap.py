@@ -20,28 +20,31 @@ import argparse
 import contextlib
 import json
 import math
-import mmap
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench.weight_limits import (
+    OPTIONS,
+    RawReader,
+    daemon,
+    drop_caches,
+    memcpy_gbps,
+    raw_pipeline,
+)
 from kvstore.config import parse_size
 from loader import client
-from loader.arena import ARENA_SOAK_ORDER
-from loader.physmem import MADV_POPULATE_WRITE, one_cpu, soaked_small_blocks
-from loader.pipeline import HostSink, NullSink, ReadPipeline
+from loader.pipeline import NullSink
 from loader.store import ModelStore, resolve_sources
 
 CHARTS = Path(__file__).resolve().parent / "charts"
-OPTIONS: dict[str, Any] = {"settle_s": 2.0, "global_drop": True}
 LOG = sys.stderr
 
 
@@ -87,145 +90,6 @@ def touch(tensors: dict[str, torch.Tensor]) -> int:
             b = t.reshape(-1).view(torch.uint8)
             acc += int(b[::4096].sum())
     return acc
-
-
-# ---------------------------------------------------------------------- limits
-def drop_caches(files: list[Path]) -> str:
-    """Drops the page cache; returns '' or the reason it could not (then fadvise)."""
-    os.sync()
-    if not OPTIONS["global_drop"]:
-        reason = "--no-drop-caches: used fadvise(DONTNEED) on the benchmark's files"
-    else:
-        try:
-            with open("/proc/sys/vm/drop_caches", "w") as f:
-                f.write("3\n")
-            # Every process on the box re-reads what it needs right after a global
-            # drop, and the disk is throttled: idle a while so each method starts alike.
-            time.sleep(OPTIONS["settle_s"])
-            return ""
-        except OSError as exc:
-            reason = f"/proc/sys/vm/drop_caches: {exc.strerror}; used fadvise(DONTNEED) per file"
-    time.sleep(OPTIONS["settle_s"])
-    for p in files:
-        with contextlib.suppress(OSError):
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-    return reason
-
-
-def raw_pipeline() -> ReadPipeline:
-    """64 x 8 MiB O_DIRECT reads in flight into a reused (pre-faulted) 512 MiB ring:
-    the deepest pattern we measured, as deep as Run:ai's io_uring queue (64)."""
-    pipe = ReadPipeline(64, 64, 8 << 20)
-    pipe.ring.populate()
-    return pipe
-
-
-class RawReader:
-    """The disk's direct sequential read of a file: no checksum, 64 x 8 MiB in flight.
-
-    Three destinations, because they do not read equally fast here: a reused 512 MiB
-    ring, a pre-faulted anonymous buffer of the file's size, and a pre-faulted
-    shared-memory buffer of the file's size (what the loader reads into); plus the
-    ring from a fresh process.  The round's limit is the fastest of them.
-    """
-
-    def __init__(self, nbytes: int) -> None:
-        # Faulted in while the kernel's scattered free pages are held aside, as the
-        # daemon's arena is: the limit is the disk's, not a fragmented buffer's.
-        with one_cpu(), soaked_small_blocks(2 * nbytes, ARENA_SOAK_ORDER):
-            self.pipes = [raw_pipeline(), ReadPipeline(64, 1, 8 << 20, max_inflight=64)]
-            self._anon = mmap.mmap(-1, nbytes)
-            self._anon.madvise(MADV_POPULATE_WRITE)
-            self._shm_path = Path(f"/dev/shm/kvstore-bench-raw-{os.getpid()}")
-            fd = os.open(self._shm_path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                os.ftruncate(fd, nbytes)
-                self._shm = mmap.mmap(fd, nbytes)
-            finally:
-                os.close(fd)
-            self._shm.madvise(MADV_POPULATE_WRITE)
-        self.samples: dict[str, list[float]] = {}
-
-    def read_one(self, kind: str, path: Path, nbytes: int) -> float:
-        """One raw read of ``path`` into destination ``kind`` (ring, anon or shm)."""
-        if kind == "ring":
-            st = self.pipes[0].read(path, nbytes, NullSink(), None)
-        else:
-            buf = memoryview(self._anon if kind == "anon" else self._shm)
-            try:
-                st = self.pipes[1].read(path, nbytes, HostSink(buf), None)
-            finally:
-                buf.release()
-        self.direct = st.direct
-        self.samples.setdefault(kind, []).append(st.seconds)
-        return st.seconds
-
-    def read_here(self, path: Path, nbytes: int, files: list[Path]) -> float:
-        best = math.inf
-        for i, kind in enumerate(("ring", "anon", "shm")):
-            if i:
-                drop_caches(files)
-            best = min(best, self.read_one(kind, path, nbytes))
-        return best
-
-    def read_fresh(self, path: Path, nbytes: int) -> float:
-        out = subprocess.run(
-            [sys.executable, "-m", "bench.weight_swap", "--raw-read", str(path), str(nbytes)]
-            + ["--settle", str(OPTIONS["settle_s"])],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parents[1],
-        )
-        s = float(out.stdout.split()[0])
-        self.samples.setdefault("ring, fresh process", []).append(s)
-        return s
-
-    def close(self) -> None:
-        for p in self.pipes:
-            p.close()
-        self._anon.close()
-        self._shm.close()
-        self._shm_path.unlink(missing_ok=True)
-
-
-def memcpy_gbps(nbytes: int = 256 << 20) -> float:
-    src = torch.ones(nbytes, dtype=torch.uint8)
-    dst = torch.zeros(nbytes, dtype=torch.uint8)
-    best = 0.0
-    for _ in range(5):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = max(best, nbytes / (time.perf_counter() - t0) / 1e9)
-    return best
-
-
-# ---------------------------------------------------------------------- daemon
-@contextlib.contextmanager
-def daemon(data_dir: Path, budget: int, extra: Sequence[str] = ()) -> Iterator[str]:
-    sock = str(Path(tempfile.mkdtemp(prefix="kvws", dir="/tmp")) / "models.sock")
-    cmd = [sys.executable, "-m", "loader.service", "--data-dir", str(data_dir)]
-    cmd += ["--socket", sock, "--dram-budget", str(budget), "--wait-prefault", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.startswith("ready"):
-            raise RuntimeError(f"models daemon did not start (exit {proc.wait()})")
-        yield sock
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 # ---------------------------------------------------------------------- peers
