@@ -95,9 +95,12 @@ def test_cli_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         "infinite_hit_rate",
         "refs_per_second",
         "plain_lru_refs_per_second",
+        "index_floor_refs_per_second",
     ):
         assert k in out
     assert out["plain_lru_refs_per_second"] > 0
+    assert out["index_floor_refs_per_second"] > 0
+    assert out["index_floor_hit_rate"] == out["lru_hit_rate"]  # same decisions
     assert out["policy"] == DEFAULT_POLICY
     assert out["hit_rate"] <= out["opt_hit_rate"] <= out["infinite_hit_rate"]
     args = ["--trace", str(path), "--nvme-fraction", "0.2", "--nvme-admission", "seen-twice"]
