@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 
 from loader.errors import ModelStoreError
+from loader.paths import user_path
 from loader.physmem import MADV_POPULATE_WRITE, one_cpu, soaked_small_blocks
 
 EXTENT_ALIGN = 64 << 10
@@ -90,7 +91,7 @@ class ModelArena:
     def __init__(self, shm_dir: str | os.PathLike[str], size: int, prefault: bool = True) -> None:
         size = (size + EXTENT_ALIGN - 1) // EXTENT_ALIGN * EXTENT_ALIGN
         self.size = size
-        d = Path(shm_dir)
+        d = user_path(shm_dir)
         _remove_stale(d)
         self.path = d / f"kvstore-models-{os.getpid()}-{secrets.token_hex(4)}"
         try:

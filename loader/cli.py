@@ -16,15 +16,17 @@ from typing import Any
 from tqdm import tqdm
 
 from loader.errors import ModelError
+from loader.paths import user_path
 from loader.store import ModelStore, resolve_sources
 
 
 def _data_dir(args: argparse.Namespace) -> Path:
+    """``--data-dir`` or the config's ``data_dir``, ``~`` expanded as the daemon does."""
     if getattr(args, "data_dir", None):
-        return Path(args.data_dir)
+        return user_path(args.data_dir)
     from kvstore.config import load_config
 
-    return Path(load_config(getattr(args, "config", None)).data_dir)
+    return user_path(load_config(getattr(args, "config", None)).data_dir)
 
 
 def _human(n: float) -> str:

@@ -24,6 +24,7 @@ from kvstore._proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.config import ConfigError, parse_size
 from loader.config import ModelsConfig
 from loader.errors import ModelError
+from loader.paths import user_path
 from loader.residency import READY, ResidencyManager, Resident
 from loader.store import ModelStore
 
@@ -161,7 +162,7 @@ def register(server: grpc.aio.Server, data_dir: Path, options: ModelsConfig) -> 
     global _servicer
     if _servicer is not None:
         raise RuntimeError("the Models service is already registered in this process")
-    _servicer = ModelsServicer(Path(data_dir), options.validate())
+    _servicer = ModelsServicer(user_path(data_dir), options.validate())
     pb_grpc.add_ModelsServicer_to_server(_servicer, server)
 
 
@@ -197,7 +198,7 @@ async def _serve(args: argparse.Namespace) -> None:
         verify_checksums=not args.no_verify,
     )
     server = grpc.aio.server()
-    register(server, Path(args.data_dir), options)
+    register(server, user_path(args.data_dir), options)
     server.add_insecure_port(f"unix://{args.socket}")
     await server.start()
     if args.wait_prefault and _servicer is not None:

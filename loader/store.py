@@ -25,6 +25,7 @@ import xxhash
 
 from loader.errors import ModelExistsError, ModelFormatError, ModelNotFoundError, ModelStoreError
 from loader.manifest import ALIGN, Manifest, TensorEntry, align_up
+from loader.paths import user_path
 from loader.safetensors_format import SafetensorsFile, parse_file
 
 INDEX_JSON = "model.safetensors.index.json"
@@ -80,7 +81,7 @@ def resolve_sources(path: str | os.PathLike[str]) -> list[SafetensorsFile]:
     Raises:
         ModelFormatError: unreadable or invalid input (the message says which file).
     """
-    p = Path(path)
+    p = user_path(path)
     if not p.exists():
         raise ModelFormatError(f"{p}: no such file or folder")
     if p.is_dir():
@@ -145,7 +146,7 @@ class ModelStore:
     """
 
     def __init__(self, data_dir: str | os.PathLike[str]) -> None:
-        self.root = Path(data_dir) / "models"
+        self.root = user_path(data_dir) / "models"
         self.data_dir = self.root / "data"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._index_path = self.root / "index.lmdb"

@@ -40,3 +40,39 @@ def test_errors_are_messages_not_tracebacks(
     assert main(["models", "--data-dir", d, "add", "-q", "x", str(src)]) == 0
     assert main(["models", "--data-dir", d, "add", "-q", "x", str(src)]) == 1
     assert "already registered" in capsys.readouterr().err
+
+
+def test_tilde_in_data_dir_is_the_daemons_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The daemon opens Path(data_dir).expanduser(); `kvstore models` must open the same
+    # folder, never a literal ./~/... under the current directory.
+    from kvstore.config import load_config
+    from loader.arena import ModelArena
+    from loader.store import ModelStore
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text('data_dir = "~/rvdata"\n')
+    src = write_model(tmp_path / "m.safetensors", small_model())
+    assert main(["models", "--config", str(cfg), "add", "-q", "m", str(src)]) == 0
+    assert main(["models", "--data-dir", "~/other", "add", "-q", "o", "~/../m.safetensors"]) == 0
+    capsys.readouterr()
+    assert not (cwd / "~").exists()
+    daemons_dir = Path(load_config(str(cfg)).data_dir).expanduser()  # as kvstore.daemon does
+    assert daemons_dir == home / "rvdata"
+    with ModelStore(daemons_dir) as st:
+        assert [m.name for m in st.list_models()] == ["m"]
+    with ModelStore("~/other") as st:  # the store expands too (service, standalone)
+        assert st.root == home / "other" / "models"
+        assert [m.name for m in st.list_models()] == ["o"]
+    (home / "shm").mkdir()
+    arena = ModelArena("~/shm", 1 << 20, prefault=False)  # models.shm_dir = "~/shm"
+    try:
+        assert arena.path.parent == home / "shm"
+    finally:
+        arena.close()
