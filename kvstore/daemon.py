@@ -210,20 +210,32 @@ class Daemon:
 
 
 def _prepare_socket(sock: Path) -> None:
+    """Makes ``sock`` bindable: creates its folder, removes a stale socket.
+
+    Raises:
+        DaemonError: a daemon answers there, or the path exists and is not a socket.
+    """
     try:
         sock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise DaemonError(f"cannot create socket directory {sock.parent}: {exc}") from None
-    if sock.exists() or sock.is_socket():
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(str(sock))
-        except OSError:
-            sock.unlink()  # stale socket of a dead daemon
-        else:
-            raise DaemonError(f"another kvstore daemon is already serving at {sock}")
-        finally:
-            s.close()
+    if not sock.is_socket():
+        if sock.exists() or sock.is_symlink():
+            # Never replace a file that is not ours: a typo in --socket must not delete it.
+            raise DaemonError(
+                f"socket path {sock} exists and is not a socket; refusing to replace it "
+                "(choose another --socket / server.socket, or remove it yourself)"
+            )
+        return
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(sock))
+    except OSError:
+        sock.unlink()  # stale socket of a dead daemon: the only thing we ever remove
+    else:
+        raise DaemonError(f"another kvstore daemon is already serving at {sock}")
+    finally:
+        s.close()
 
 
 async def run_daemon(cfg: Config) -> None:
