@@ -61,7 +61,10 @@ def _call(fn: Any, request: Any) -> Any:
         code = exc.code() if hasattr(exc, "code") else None
         cls = _ERRORS.get(code, ModelError) if code is not None else ModelError
         detail = exc.details() if hasattr(exc, "details") else str(exc)
-        raise cls(detail or str(code)) from None
+        err = cls(detail or str(code))
+        if code is not None:
+            err.code = code  # the status as received (e.g. UNAVAILABLE for a ModelError)
+        raise err from None
 
 
 def torch_dtype(st_dtype: str) -> torch.dtype:

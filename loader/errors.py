@@ -2,48 +2,64 @@
 
 Each maps onto one gRPC status code (``code``) so the service can turn any of them
 into a status a person can act on without a blind ``except``.
+
+Every one is a :class:`kvstore.errors.KVStoreError` (``except KVStoreError`` catches
+model errors too, as it does every other client error), and those with a matching
+kvstore class derive from it as well: ``ModelNotFoundError`` is a ``NotFound``,
+``ModelBudgetError`` a ``ResourceExhausted``, ``ModelFormatError`` an
+``InvalidArgument``, ``ModelStoreError`` a ``FailedPrecondition``.
 """
 
 from __future__ import annotations
 
+import grpc
 
-class ModelError(Exception):
-    """Base class of every model-store error; ``code`` names the gRPC status."""
+from kvstore.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    KVStoreError,
+    NotFound,
+    ResourceExhausted,
+)
 
-    code = "INTERNAL"
+
+class ModelError(KVStoreError):
+    """Base class of every model-store error; ``code`` is its gRPC status."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
 
-class ModelFormatError(ModelError):
+class ModelFormatError(ModelError, InvalidArgument):
     """A source file is not a valid safetensors file (the message says what is wrong)."""
 
-    code = "INVALID_ARGUMENT"
+    code = grpc.StatusCode.INVALID_ARGUMENT
 
 
 class ModelExistsError(ModelError):
     """A model of that name is already registered."""
 
-    code = "ALREADY_EXISTS"
+    code = grpc.StatusCode.ALREADY_EXISTS
 
 
-class ModelNotFoundError(ModelError):
-    """No model of that name is registered."""
+class ModelNotFoundError(ModelError, NotFound):
+    """No model of that name is registered (or, for a swap, held by the session)."""
 
-    code = "NOT_FOUND"
+    code = grpc.StatusCode.NOT_FOUND
 
 
 class ModelChecksumError(ModelError):
     """Bytes read back do not match the manifest's checksum; names the tensor."""
 
-    code = "DATA_LOSS"
+    code = grpc.StatusCode.DATA_LOSS
 
 
-class ModelBudgetError(ModelError):
+class ModelBudgetError(ModelError, ResourceExhausted):
     """The model does not fit the DRAM budget for models (after evicting what may go)."""
 
-    code = "RESOURCE_EXHAUSTED"
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-class ModelStoreError(ModelError):
+class ModelStoreError(ModelError, FailedPrecondition):
     """I/O or index failure in the store (disk full, unreadable data file...)."""
 
-    code = "FAILED_PRECONDITION"
+    code = grpc.StatusCode.FAILED_PRECONDITION

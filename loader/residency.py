@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from loader.arena import ModelArena
 from loader.config import ModelsConfig
-from loader.errors import ModelBudgetError, ModelError, ModelStoreError
+from loader.errors import ModelBudgetError, ModelError, ModelNotFoundError, ModelStoreError
 from loader.manifest import Manifest
 from loader.pipeline import HostSink, ReadPipeline, ReadStats
 from loader.store import ModelStore
@@ -157,6 +157,11 @@ class ResidencyManager:
                     n += r.pins.pop(session_id, 0)
             return n
 
+    def pins(self, name: str, session_id: int) -> int:
+        """How many pins ``session_id`` holds on ``name``."""
+        with self._lock:
+            return sum(r.pins.get(session_id, 0) for r in self._by_uid.values() if r.name == name)
+
     def release_session(self, session_id: int) -> int:
         """Drops every pin of a session (call when the session closes or dies)."""
         with self._lock:
@@ -167,7 +172,19 @@ class ResidencyManager:
 
         ``new`` is acquired first so a failure leaves ``old`` pinned and usable.
         Returns the new resident model and the number of pins released on ``old``.
+        An empty ``old`` swaps from nothing (a plain pinned load of ``new``).
+
+        Raises:
+            ModelNotFoundError: ``old`` is not registered, or ``session_id`` holds no
+                pin on it (a swap from a model the caller does not hold is a caller
+                bug); checked before anything is loaded, pinned or released.
         """
+        if old and not self.pins(old, session_id):
+            self.store.get(old)  # not registered: "no model named ..." with the known ones
+            raise ModelNotFoundError(
+                f"cannot swap from model {old!r}: session {session_id} holds no pin on it "
+                f"(swap from the model you loaded; to load {new!r} alone, use load_model)"
+            )
         r = self.acquire(new, session_id, pin=True)
         released = self.release(old, session_id) if old and old != new else 0
         return r, released

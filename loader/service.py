@@ -50,7 +50,7 @@ class ModelsServicer(pb_grpc.ModelsServicer):
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
         except ModelError as exc:
-            await context.abort(grpc.StatusCode[exc.code], str(exc))
+            await context.abort(exc.code, str(exc))
             raise AssertionError("unreachable") from exc  # abort raises
 
     def _response(self, r: Resident, was_resident: bool) -> pb.LoadModelResponse:

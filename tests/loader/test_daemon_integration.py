@@ -38,6 +38,7 @@ prefault = false
 
 def test_models_through_the_daemon(tmp_path: Path) -> None:
     from kvstore.client import Client
+    from kvstore.errors import KVStoreError
 
     d = tmp_path / "d"
     d.mkdir()
@@ -64,6 +65,13 @@ def test_models_through_the_daemon(tmp_path: Path) -> None:
             got = mclient.load_model(ch, "m", session_id=c.session_id)
             for k, v in ref.items():
                 assert torch.equal(got[k], v), k
+            # The daemon's Client raises model errors as KVStoreErrors (as the README
+            # says of every client error), and a swap from a model it does not hold
+            # fails without pinning the new one.
+            with pytest.raises(KVStoreError, match="'nope'"):
+                c.load_model("nope")
+            with pytest.raises(KVStoreError, match="'nope'"):
+                c.swap("nope", "m")
             assert mclient.list_models(ch)[0]["pins"] == 1
             c.close()
             assert mclient.list_models(ch)[0]["pins"] == 0  # the session's pins went with it

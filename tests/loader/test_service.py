@@ -5,11 +5,27 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 
+from kvstore.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    KVStoreError,
+    NotFound,
+    ResourceExhausted,
+)
 from loader import client
-from loader.errors import ModelBudgetError, ModelChecksumError, ModelNotFoundError
+from loader.errors import (
+    ModelBudgetError,
+    ModelChecksumError,
+    ModelError,
+    ModelExistsError,
+    ModelFormatError,
+    ModelNotFoundError,
+    ModelStoreError,
+)
 from loader.store import ModelStore
 from tests.loader.conftest import ServerHandle, small_model, write_model
 
@@ -114,8 +130,63 @@ def test_budget_exhausted_by_pins(tmp_path: Path) -> None:
 
 
 def test_unknown_model(server: ServerHandle) -> None:
-    with pytest.raises(ModelNotFoundError, match="nope"):
+    with pytest.raises(ModelNotFoundError, match="nope") as ei:
         client.load_model(server.channel, "nope")
+    # Model errors are client errors like any other: `except KVStoreError` catches them.
+    assert isinstance(ei.value, KVStoreError) and isinstance(ei.value, NotFound)
+    assert ei.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_model_errors_are_kvstore_errors() -> None:
+    pairs = [
+        (ModelNotFoundError, NotFound),
+        (ModelBudgetError, ResourceExhausted),
+        (ModelFormatError, InvalidArgument),
+        (ModelStoreError, FailedPrecondition),
+        (ModelChecksumError, KVStoreError),
+        (ModelExistsError, KVStoreError),
+    ]
+    for cls, base in pairs:
+        assert issubclass(cls, ModelError) and issubclass(cls, base), cls
+        assert cls.code == getattr(base, "code", None) or base is KVStoreError, cls
+
+
+def _unswapped(server: ServerHandle, **want: int) -> None:
+    """Nothing loaded for b, nothing pinned on it; ``want``: a's expected pins."""
+    states = {m["name"]: m for m in client.list_models(server.channel)}
+    assert states["b"]["state"] == "stored" and states["b"]["pins"] == 0
+    assert server.servicer.manager.resident("b") is None
+    for name, pins in want.items():
+        assert states[name]["pins"] == pins
+
+
+def test_swap_from_unknown_model_fails_and_loads_nothing(
+    server: ServerHandle, tmp_path: Path
+) -> None:
+    _add(server, tmp_path, "b", 2)
+    with pytest.raises(ModelNotFoundError, match="'nope'"):
+        client.swap_models(server.channel, "nope", "b", session_id=7)
+    _unswapped(server)
+    assert server.servicer.manager.counters.loads == 0
+
+
+def test_swap_from_a_model_not_held_fails_and_changes_nothing(
+    server: ServerHandle, tmp_path: Path
+) -> None:
+    _add(server, tmp_path, "a", 1)
+    _add(server, tmp_path, "b", 2)
+    client.load_model(server.channel, "a", session_id=8)  # another session's pin
+    client.load_model(server.channel, "a", session_id=7, pin=False)
+    with pytest.raises(ModelNotFoundError, match="session 7 holds no pin on it"):
+        client.swap_models(server.channel, "a", "b", session_id=7)
+    _unswapped(server, a=1)
+    # Held: the same swap works; swapping from it again (no longer held) fails.
+    client.load_model(server.channel, "a", session_id=7)
+    client.swap_models(server.channel, "a", "b", session_id=7)
+    with pytest.raises(ModelNotFoundError, match="'a'"):
+        client.swap_models(server.channel, "a", "b", session_id=7)
+    states = {m["name"]: m for m in client.list_models(server.channel)}
+    assert states["a"]["pins"] == 1 and states["b"]["pins"] == 1  # session 8's a, 7's b
 
 
 def test_corrupt_data_names_the_tensor(server: ServerHandle, tmp_path: Path) -> None:
