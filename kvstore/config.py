@@ -11,6 +11,7 @@ import dataclasses
 import os
 import re
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -142,11 +143,17 @@ class Config:
         if not self.tiers:
             raise ConfigError("tiers: at least one tier is required")
         names = set()
+        kinds = tier_kinds()
         for i, t in enumerate(self.tiers):
             where = f"tiers[{i}] ({t.name!r})"
             if not t.name or t.name in names:
                 raise ConfigError(f"{where}: tier names must be unique and non-empty")
             names.add(t.name)
+            if t.kind not in kinds:
+                raise ConfigError(
+                    f"tiers[{i}].kind: unknown tier kind {t.kind!r} (tier {t.name!r}); "
+                    f"known: {', '.join(kinds)}"
+                )
             t.policy = t.policy or DEFAULT_POLICY
             if t.policy not in POLICIES:
                 raise ConfigError(
@@ -159,14 +166,47 @@ class Config:
                 )
             if t.capacity <= 0:
                 raise ConfigError(f"{where}.capacity: must be > 0")
-        if not any(t.kind == "dram" for t in self.tiers):
+        drams = [f"tiers[{i}] ({t.name!r})" for i, t in enumerate(self.tiers) if t.kind == "dram"]
+        if len(drams) != 1:
             raise ConfigError(
-                "tiers: one tier of kind 'dram' (the shared-memory arena) is required"
+                "tiers: exactly one tier of kind 'dram' (the shared-memory arena) is required; "
+                + (f"found {len(drams)}: {', '.join(drams)}" if drams else "found none")
             )
         return self
 
 
+def tier_kinds() -> list[str]:
+    """The tier kinds a daemon config may name (``tiers[].kind``), sorted.
+
+    Only tiers that hold bytes: the byte-less ``null`` tier exists for the trace
+    replay benchmark, which builds it directly, and cannot serve clients.
+    """
+    from kvstore.tiers import load_backends  # the tiers import this module: import late
+    from kvstore.tiers.base import TIERS
+
+    load_backends()
+    return [name for name in TIERS.names() if TIERS.get(name).stores_bytes]
+
+
+def _table(value: Any, where: str) -> dict[str, Any]:
+    """``value`` if it is a TOML table, else a :class:`ConfigError` naming ``where``."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a table, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def _field_type(cls: type, f: dataclasses.Field[Any]) -> type | None:
+    """The plain type a field's TOML value must have, or ``None`` when not checked here."""
+    if f.default is not dataclasses.MISSING:
+        return None if f.default is None else type(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return type(f.default_factory())
+    hint = typing.get_type_hints(cls).get(f.name)
+    return hint if isinstance(hint, type) else None
+
+
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    data = _table(data, where)
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
@@ -175,11 +215,10 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         )
     kwargs: dict[str, Any] = {}
     for k, v in data.items():
-        default = known[k].default
+        want = _field_type(cls, known[k])
         if k == "capacity":
             v = parse_size(v, f"{where}.{k}")
-        elif default is not dataclasses.MISSING and default is not None:
-            want = type(default)
+        elif want is not None:
             if want is float and isinstance(v, int) and not isinstance(v, bool):
                 v = float(v)
             if not isinstance(v, want) or (want is int and isinstance(v, bool)):
@@ -199,19 +238,25 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     server = _build(ServerConfig, data.pop("server", {}), "server")
     tiers_raw = data.pop("tiers", None)
     data_dir = data.pop("data_dir", "")
+    if not isinstance(data_dir, str):
+        raise ConfigError(f"data_dir: expected a path string, got {data_dir!r}")
     from loader.config import ModelsConfig  # loader imports this module: import late
 
-    models = ModelsConfig.from_dict(data.pop("models", {}))
+    models = ModelsConfig.from_dict(_table(data.pop("models", {}), "models"))
     if data:
         raise ConfigError(
             f"unknown top-level field(s) {', '.join(sorted(data))}; "
             "known: server, tiers, data_dir, models"
         )
-    tiers = (
-        [_build(TierConfig, dict(t), f"tiers[{i}]") for i, t in enumerate(tiers_raw)]
-        if tiers_raw is not None
-        else _default_tiers()
-    )
+    if tiers_raw is None:
+        tiers = _default_tiers()
+    elif isinstance(tiers_raw, list):
+        tiers = [_build(TierConfig, t, f"tiers[{i}]") for i, t in enumerate(tiers_raw)]
+    else:
+        raise ConfigError(
+            f"tiers: expected an array of tables ([[tiers]]), got {type(tiers_raw).__name__} "
+            f"({tiers_raw!r})"
+        )
     return Config(server=server, tiers=tiers, data_dir=str(data_dir), models=models).validate()
 
 

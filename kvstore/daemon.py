@@ -17,14 +17,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvstore import policies  # noqa: F401  (registers policies)
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
-from kvstore.config import Config, ConfigError
+from kvstore.config import Config, ConfigError, tier_kinds
 from kvstore.gc_tuning import freeze_startup, tune_gc
 from kvstore.hierarchy import Hierarchy, Level
 from kvstore.keys import Namespace
 from kvstore.policies import ADMISSIONS, POLICIES
 from kvstore.promote import Promoter
 from kvstore.sessions import SessionManager
-from kvstore.tiers import load_backends
 from kvstore.tiers.base import TIERS, Tier
 from kvstore.tiers.dram import DramTier
 
@@ -39,11 +38,20 @@ class DaemonError(RuntimeError):
 
 
 def build_tiers(cfg: Config) -> list[Tier]:
-    load_backends()
+    """The tiers of ``cfg``, fastest first; closes those built so far if one fails.
+
+    Raises:
+        ConfigError: an unknown kind or invalid option, naming the tier.
+    """
+    kinds = tier_kinds()
     data_dir = Path(cfg.data_dir).expanduser()
     tiers: list[Tier] = []
     try:
-        for t in cfg.tiers:
+        for i, t in enumerate(cfg.tiers):
+            if t.kind not in kinds:  # Config.validate checks this; a hand-built Config may not
+                raise ConfigError(
+                    f"tiers[{i}].kind: unknown tier kind {t.kind!r}; known: {', '.join(kinds)}"
+                )
             tiers.append(TIERS.get(t.kind).from_config(t, data_dir))
     except BaseException:
         for built in tiers:
