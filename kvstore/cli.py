@@ -97,7 +97,32 @@ def _serve_parser(sub: Any) -> None:
     )
     p.add_argument("--print-config", action="store_true", help="print the config and exit")
     p.add_argument("--list-policies", action="store_true", help="list eviction/admission policies")
+    p.add_argument(
+        "--list-kinds", action="store_true", help="list tier kinds and eviction/admission policies"
+    )
     p.set_defaults(func=_cmd_serve)
+
+
+def _policy_lines() -> list[str]:
+    from kvstore.policies import ADMISSIONS, DEFAULT_POLICY, POLICIES
+
+    return [
+        f"eviction policies: {', '.join(POLICIES.names())} (default {DEFAULT_POLICY})",
+        f"admission policies: {', '.join(ADMISSIONS.names())}",
+    ]
+
+
+def _kind_lines() -> list[str]:
+    """One line per tier kind (``tiers[].kind``) with its summary, then the policies."""
+    from kvstore.config import tier_kinds
+    from kvstore.tiers.base import TIERS
+
+    lines = ["tier kinds:"]
+    for kind in tier_kinds():
+        doc = (TIERS.get(kind).__doc__ or "").strip().splitlines()
+        summary = doc[0].split(".  ")[0].rstrip(".") + "." if doc else ""
+        lines.append(f"  {kind:<6} {summary}".rstrip())
+    return lines + _policy_lines()
 
 
 def build_config(args: argparse.Namespace) -> Config:
@@ -141,11 +166,11 @@ def build_config(args: argparse.Namespace) -> Config:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from kvstore.daemon import DaemonError, run_daemon
 
+    if args.list_kinds:
+        print("\n".join(_kind_lines()))
+        return 0
     if args.list_policies:
-        from kvstore.policies import ADMISSIONS, DEFAULT_POLICY, POLICIES
-
-        print(f"eviction policies: {', '.join(POLICIES.names())} (default {DEFAULT_POLICY})")
-        print(f"admission policies: {', '.join(ADMISSIONS.names())}")
+        print("\n".join(_policy_lines()))
         return 0
     cfg = build_config(args)
     if args.print_config:
