@@ -123,6 +123,43 @@ class AsyncClient:
                 self._mm.close()
             self._mm = None
 
+    # ------------------------------------------------------------------ model weights
+    # The same verbs as Client's (loader.aio: the same exchange as loader.client).
+    def _models_channel(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            raise DaemonUnavailable("client is closed")
+        return self._channel
+
+    async def load_model(self, name: str, device: str = "cpu", pin: bool = True) -> dict[str, Any]:
+        """Tensors of model ``name`` (views on shared memory; pinned for this session)."""
+        from loader import aio
+
+        ch = self._models_channel()
+        return await aio.load_model(ch, name, device, session_id=self.session_id, pin=pin)
+
+    async def swap(self, old: str, new: str, device: str = "cpu") -> dict[str, Any]:
+        """Makes ``new`` resident and pinned, unpins ``old``; returns ``new``'s tensors."""
+        from loader import aio
+
+        ch = self._models_channel()
+        return await aio.swap_models(ch, old, new, device, session_id=self.session_id)
+
+    async def prefetch_model(self, name: str) -> str:
+        from loader import aio
+
+        return await aio.prefetch_model(self._models_channel(), name)
+
+    async def release_model(self, name: str, evict: bool = False) -> int:
+        from loader import aio
+
+        ch = self._models_channel()
+        return await aio.release_model(ch, name, session_id=self.session_id, evict=evict)
+
+    async def models(self) -> list[dict[str, Any]]:
+        from loader import aio
+
+        return await aio.list_models(self._models_channel())
+
     async def __aenter__(self) -> AsyncClient:
         return self
 
@@ -182,6 +219,13 @@ class AsyncClient:
 
     async def release(self, keys: Sequence[bytes]) -> None:
         await self._rpc("Release", lambda sid: pb.ReleaseRequest(session_id=sid, keys=keys))
+
+    async def prefetch(self, keys: Sequence[bytes]) -> int:
+        """Promotes blocks to DRAM ahead of need; returns how many moved."""
+        resp = await self._rpc(
+            "Prefetch", lambda sid: pb.PrefetchRequest(session_id=sid, keys=keys)
+        )
+        return int(resp.scheduled)
 
     async def delete(self, keys: Sequence[bytes]) -> list[str]:
         resp = await self._rpc("Delete", lambda sid: pb.DeleteRequest(session_id=sid, keys=keys))

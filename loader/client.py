@@ -14,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import grpc
 import torch
@@ -54,17 +55,22 @@ def _stub(target: ChannelLike) -> pb_grpc.ModelsStub:
     return pb_grpc.ModelsStub(target)
 
 
+def model_error(exc: grpc.RpcError) -> ModelError:
+    """The :class:`ModelError` subclass of a failed Models call (sync or ``grpc.aio``)."""
+    code = exc.code() if hasattr(exc, "code") else None
+    cls = _ERRORS.get(code, ModelError) if code is not None else ModelError
+    detail = exc.details() if hasattr(exc, "details") else str(exc)
+    err = cls(detail or str(code))
+    if code is not None:
+        err.code = code  # the status as received (e.g. UNAVAILABLE for a ModelError)
+    return err
+
+
 def _call(fn: Any, request: Any) -> Any:
     try:
         return fn(request)
     except grpc.RpcError as exc:
-        code = exc.code() if hasattr(exc, "code") else None
-        cls = _ERRORS.get(code, ModelError) if code is not None else ModelError
-        detail = exc.details() if hasattr(exc, "details") else str(exc)
-        err = cls(detail or str(code))
-        if code is not None:
-            err.code = code  # the status as received (e.g. UNAVAILABLE for a ModelError)
-        raise err from None
+        raise model_error(exc) from None
 
 
 def torch_dtype(st_dtype: str) -> torch.dtype:
@@ -125,6 +131,51 @@ class LoadedModel:
     info: pb.LoadModelResponse
 
 
+OpenSteps: TypeAlias = Generator[pb.LoadModelRequest, pb.LoadModelResponse, LoadedModel]
+
+
+def open_steps(name: str, session_id: int, pin: bool, populate: bool | None) -> OpenSteps:
+    """The LoadModel exchange of :func:`open_model` without the I/O.
+
+    Yields each request and is sent the daemon's answer; returns the
+    :class:`LoadedModel`.  The sync and the asyncio clients drive it with
+    :func:`advance`, so both speak the same protocol.
+    """
+    resp = yield pb.LoadModelRequest(session_id=session_id, name=name, no_pin=not pin, no_wait=True)
+    loading = resp.state != "ready"
+    fill = populate if populate is not None else loading
+    tensors = tensors_from_response(resp, fill)
+    if loading:
+        first = resp
+        resp = yield pb.LoadModelRequest(session_id=session_id, name=name, no_pin=True)
+        if (resp.uid, resp.shm_path, resp.shm_offset) != (
+            first.uid,
+            first.shm_path,
+            first.shm_offset,
+        ):
+            # The first load failed (its pin went with it) and this call loaded it
+            # again, or the model was re-registered meanwhile: pin the new one.
+            if pin:
+                resp = yield pb.LoadModelRequest(session_id=session_id, name=name)
+            tensors = tensors_from_response(resp, fill)
+    return LoadedModel(tensors, resp)
+
+
+def advance(
+    steps: OpenSteps, resp: pb.LoadModelResponse | None
+) -> pb.LoadModelRequest | LoadedModel:
+    """Sends ``resp`` (``None`` to start) into ``steps``: the next request or the result.
+
+    The result is returned, not raised as ``StopIteration`` (which cannot cross an
+    ``asyncio`` future: the asyncio client runs this on a worker thread, since
+    mapping and populating a model's pages blocks).
+    """
+    try:
+        return steps.send(resp)  # type: ignore[arg-type]  # None starts the generator
+    except StopIteration as done:
+        return cast(LoadedModel, done.value)
+
+
 def open_model(
     target: ChannelLike,
     name: str,
@@ -141,29 +192,11 @@ def open_model(
     than populating every page of a big model up front).
     """
     stub = _stub(target)
-    resp = _call(
-        stub.LoadModel,
-        pb.LoadModelRequest(session_id=session_id, name=name, no_pin=not pin, no_wait=True),
-    )
-    loading = resp.state != "ready"
-    fill = populate if populate is not None else loading
-    tensors = tensors_from_response(resp, fill)
-    if loading:
-        first = resp
-        resp = _call(
-            stub.LoadModel, pb.LoadModelRequest(session_id=session_id, name=name, no_pin=True)
-        )
-        if (resp.uid, resp.shm_path, resp.shm_offset) != (
-            first.uid,
-            first.shm_path,
-            first.shm_offset,
-        ):
-            # The first load failed (its pin went with it) and this call loaded it
-            # again, or the model was re-registered meanwhile: pin the new one.
-            if pin:
-                resp = _call(stub.LoadModel, pb.LoadModelRequest(session_id=session_id, name=name))
-            tensors = tensors_from_response(resp, fill)
-    return LoadedModel(tensors, resp)
+    steps = open_steps(name, session_id, pin, populate)
+    step = advance(steps, None)
+    while not isinstance(step, LoadedModel):
+        step = advance(steps, _call(stub.LoadModel, step))
+    return step
 
 
 def load_model(
@@ -191,10 +224,11 @@ def load_model(
         ModelNotFoundError, ModelBudgetError, ModelChecksumError (naming the tensor), ...
     """
     loaded = open_model(target, name, session_id, pin, populate)
-    return _place(loaded.tensors, device)
+    return place(loaded.tensors, device)
 
 
-def _place(host: dict[str, torch.Tensor], device: str | torch.device) -> dict[str, torch.Tensor]:
+def place(host: dict[str, torch.Tensor], device: str | torch.device) -> dict[str, torch.Tensor]:
+    """``host`` itself for ``"cpu"``; copies on the CUDA device ``device`` otherwise."""
     dev = torch.device(device)
     if dev.type == "cpu":
         return host
@@ -218,7 +252,7 @@ def swap_models(
         _stub(target).SwapModels,
         pb.SwapModelsRequest(session_id=session_id, old_name=old, new_name=new),
     )
-    return _place(tensors_from_response(resp.model, populate), device)
+    return place(tensors_from_response(resp.model, populate), device)
 
 
 def prefetch_model(target: ChannelLike, name: str) -> str:
@@ -237,7 +271,11 @@ def release_model(target: ChannelLike, name: str, session_id: int = 0, evict: bo
 
 def list_models(target: ChannelLike) -> list[dict[str, Any]]:
     """Registered models with their residency state."""
-    resp = _call(_stub(target).ListModels, pb.ListModelsRequest())
+    return models_list(_call(_stub(target).ListModels, pb.ListModelsRequest()))
+
+
+def models_list(resp: pb.ListModelsResponse) -> list[dict[str, Any]]:
+    """The rows of a ListModels answer (what :func:`list_models` returns)."""
     return [
         {
             "name": m.name,
