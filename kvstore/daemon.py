@@ -10,7 +10,7 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,6 +26,9 @@ from kvstore.promote import Promoter
 from kvstore.sessions import SessionManager
 from kvstore.tiers.base import TIERS, Tier
 from kvstore.tiers.dram import DramTier
+
+if TYPE_CHECKING:
+    from kvstore.server import KVStoreServicer
 
 log = logging.getLogger("kvstore.daemon")
 
@@ -96,6 +99,7 @@ class Daemon:
         self.namespaces: dict[bytes, Namespace] = {}
         self.started = time.time()
         self.server: grpc.aio.Server | None = None
+        self._servicer: KVStoreServicer | None = None
         self._stopping = asyncio.Event()
         self._reaper: asyncio.Task[None] | None = None
         self._metrics_server: Any = None
@@ -143,7 +147,8 @@ class Daemon:
             ("grpc.max_send_message_length", scfg.max_message_bytes),
         ]
         server = grpc.aio.server(options=opts)
-        pb_grpc.add_KVStoreServicer_to_server(KVStoreServicer(self), server)
+        self._servicer = KVStoreServicer(self)
+        pb_grpc.add_KVStoreServicer_to_server(self._servicer, server)
         from loader import service as models_service
         from loader.config import ModelsConfig
 
@@ -195,6 +200,10 @@ class Daemon:
             self._reaper.cancel()
         if self.server is not None:
             await self._health.enter_graceful_shutdown()
+            # Watch streams last as long as their clients: end them first, or the stop
+            # below waits the whole grace period and then cancels them mid-await.
+            if self._servicer is not None:
+                self._servicer.end_watches()
             await self.server.stop(self.cfg.server.shutdown_grace_s)
         if self.promoter.in_flight:
             log.info("waiting for %d promotions in flight", self.promoter.in_flight)

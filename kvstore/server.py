@@ -61,7 +61,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         self.d = daemon
         self.h = daemon.h
         self.w = daemon.write_level
-        self._closed: dict[int, asyncio.Event] = {}
+        self._closed: dict[int, asyncio.Event] = {}  # set: that session's Watch streams end
+        self._shutting_down = False
 
     # ------------------------------------------------------------------ validation
     def _session(self, sid: int) -> Session:
@@ -123,16 +124,29 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         except _Abort as a:
             await context.abort(a.code, a.msg)
         ev = self._closed.setdefault(s.id, asyncio.Event())
+        if self._shutting_down:
+            ev.set()
         s.watchers += 1
         try:
             yield pb.WatchEvent(message=f"session {s.id} open")
             await ev.wait()
         finally:
-            # Runs when the client closes the stream or its process dies.
+            # Runs when the client closes the stream or its process dies.  At shutdown
+            # the session stays: its calls in flight may finish; the daemon closes it after.
             s.watchers -= 1
-            if s.watchers == 0 and s.id in self.d.sessions.sessions:
+            if s.watchers == 0 and not self._shutting_down and s.id in self.d.sessions.sessions:
                 self.d.sessions.close(s.id, reason="client disconnected")
                 self._closed.pop(s.id, None)
+
+    def end_watches(self) -> None:
+        """Ends every Watch stream, now and as they open (daemon shutdown).
+
+        A Watch otherwise lasts as long as its client: the server's graceful stop
+        would wait its whole grace period for them, then cancel them.
+        """
+        self._shutting_down = True
+        for ev in self._closed.values():
+            ev.set()
 
     async def CloseSession(self, request: pb.CloseSessionRequest, context: Ctx) -> Any:
         released, aborted = self.d.sessions.close(request.session_id)
