@@ -1,0 +1,41 @@
+"""Connecting: a missing socket fails fast; a reconnect after a restart still waits for it."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from kvstore import Client
+from kvstore.cli import main
+from kvstore.errors import DaemonUnavailable
+from tests.kvstore.conftest import SMALL, DaemonProc
+
+
+def test_missing_socket_fails_fast(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    nope = str(tmp_path / "nope.sock")
+    t0 = time.monotonic()
+    with pytest.raises(DaemonUnavailable, match="no kvstore daemon answers at unix:.*nope.sock"):
+        Client(nope, timeout=10.0)
+    assert main(["stats", "--socket", nope]) == 1
+    assert time.monotonic() - t0 < 1.0
+    assert "no kvstore daemon answers" in capsys.readouterr().err
+
+
+def test_reconnect_waits_for_the_restarted_daemons_socket(make_daemon: type[DaemonProc]) -> None:
+    d = make_daemon(SMALL).start()
+    with Client(d.socket, timeout=20.0) as c:
+        c.stats()
+        assert d.stop() == 0
+        assert not os.path.exists(d.socket)  # a clean stop removes it
+        restart = threading.Thread(target=d.start)
+        restart.start()
+        try:
+            # The first call finds the daemon gone and reconnects, waiting for the socket.
+            assert not os.path.exists(d.socket)
+            assert c.stats()["sessions"]["open"] == 1
+        finally:
+            restart.join()
