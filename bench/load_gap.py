@@ -103,11 +103,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "daemons": args.daemons,
         "configs": {},
     }
-    raw = lim.RawReader(m.nbytes)
     requests = read_requests(data)
     bar = tqdm(
         total=len(CONFIGS) * args.daemons * args.rounds, desc="load-gap", unit="round", file=ws.LOG
     )
+    raw = lim.RawReader(m.nbytes)  # closed in the finally below, however the run ends
     try:
         runs = [
             (f"{name} #{k + 1}" if args.daemons > 1 else name, flags, populate)

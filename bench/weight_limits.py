@@ -61,6 +61,29 @@ def raw_pipeline() -> ReadPipeline:
     return pipe
 
 
+SHM_DIR = "/dev/shm"
+
+
+def shm_buffer(nbytes: int, shm_dir: str = SHM_DIR) -> mmap.mmap:
+    """A shared mapping of a tmpfs file in ``shm_dir`` that has no name.
+
+    The same memory as the daemon's arena (a ``/dev/shm`` file mapped shared), but
+    nothing a killed or failed run could leave behind: the file is created unnamed
+    (``O_TMPFILE``) and goes when its last mapping does, however the process ends.
+    A tmpfs without ``O_TMPFILE`` gets a random name, unlinked right after creation.
+    """
+    try:
+        fd = os.open(shm_dir, os.O_RDWR | os.O_TMPFILE, 0o600)
+    except OSError:
+        fd, name = tempfile.mkstemp(prefix="kvstore-bench-raw-", dir=shm_dir)
+        os.unlink(name)
+    try:
+        os.ftruncate(fd, nbytes)
+        return mmap.mmap(fd, nbytes)  # the mapping keeps the file (and its pages)
+    finally:
+        os.close(fd)
+
+
 class RawReader:
     """The disk's direct sequential read of a file: no checksum, 64 x 8 MiB in flight.
 
@@ -77,13 +100,7 @@ class RawReader:
             self.pipes = [raw_pipeline(), ReadPipeline(64, 1, 8 << 20, max_inflight=64)]
             self._anon = mmap.mmap(-1, nbytes)
             self._anon.madvise(MADV_POPULATE_WRITE)
-            self._shm_path = Path(f"/dev/shm/kvstore-bench-raw-{os.getpid()}")
-            fd = os.open(self._shm_path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                os.ftruncate(fd, nbytes)
-                self._shm = mmap.mmap(fd, nbytes)
-            finally:
-                os.close(fd)
+            self._shm = shm_buffer(nbytes)
             self._shm.madvise(MADV_POPULATE_WRITE)
         self.samples: dict[str, list[float]] = {}
 
@@ -127,7 +144,6 @@ class RawReader:
             p.close()
         self._anon.close()
         self._shm.close()
-        self._shm_path.unlink(missing_ok=True)
 
 
 def memcpy_gbps(nbytes: int = 256 << 20) -> float:

@@ -45,6 +45,7 @@ from loader.pipeline import NullSink
 from loader.store import ModelStore, resolve_sources
 
 CHARTS = Path(__file__).resolve().parent / "charts"
+QUICK_CHART = Path(__file__).resolve().parent / "out" / "weight_swap_quick.png"  # not committed
 LOG = sys.stderr
 
 
@@ -195,8 +196,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     budget = int((ma.nbytes + mb.nbytes) * 1.1) + (64 << 20)
     t0 = time.perf_counter()
-    raw = RawReader(ma.nbytes)
-    with daemon(store_dir, budget) as sock, contextlib.closing(raw):
+    # Closed however the run ends (a failed daemon start included).
+    with contextlib.closing(RawReader(ma.nbytes)) as raw, daemon(store_dir, budget) as sock:
         res["prefault_s"] = time.perf_counter() - t0
         stub = client._stub(sock)
         steps = (repeats + 1) * (7 + len(peers))
@@ -430,7 +431,7 @@ def chart(res: dict[str, Any], path: Path) -> str:
     return str(path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench.weight_swap", description=__doc__.split("\n")[0]
     )
@@ -447,7 +448,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paths", nargs=2, metavar=("A", "B"), help="real safetensors models")
     p.add_argument("--work-dir", default="", help="where files go (default /var/tmp/...)")
     p.add_argument("--keep", action="store_true", help="keep the work dir")
-    p.add_argument("--chart", default=str(CHARTS / "weight_swap.png"), help="PNG path ('' = none)")
+    p.add_argument(
+        "--chart",
+        default=None,
+        help="PNG path ('' = none); default bench/charts/weight_swap.png (the committed "
+        "chart of a full run), with --quick bench/out/weight_swap_quick.png (git ignores "
+        "bench/out/), so a quick run never overwrites the committed chart",
+    )
     p.add_argument("--raw-read", nargs=2, metavar=("FILE", "NBYTES"), help=argparse.SUPPRESS)
     p.add_argument(
         "--settle", type=float, default=2.0, help="idle seconds after each cache drop (2)"
@@ -457,7 +464,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="evict only the benchmark's files (fadvise) instead of the whole page cache",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def chart_path(args: argparse.Namespace) -> str:
+    """``--chart``, or its default: the committed chart for a full run only."""
+    if args.chart is not None:
+        return str(args.chart)
+    return str(QUICK_CHART if args.quick else CHARTS / "weight_swap.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     OPTIONS.update(settle_s=args.settle, global_drop=not args.no_drop_caches)
     if args.raw_read:
         # Internal: a direct read of FILE from a fresh process; prints seconds.  The
@@ -469,8 +487,8 @@ def main(argv: list[str] | None = None) -> int:
         print(st.seconds)
         return 0
     res = run(args)
-    if args.chart:
-        res["chart"] = chart(res, Path(args.chart))
+    if chart_to := chart_path(args):
+        res["chart"] = chart(res, Path(chart_to))
     log(table(res))
     if args.json:
         print(json.dumps(res, indent=2, default=str))
