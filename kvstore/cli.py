@@ -7,6 +7,7 @@ import asyncio
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -15,6 +16,7 @@ from kvstore.config import (
     Config,
     ConfigError,
     TierConfig,
+    check_log_level,
     default_nvme_bytes,
     load_config,
     parse_size,
@@ -89,6 +91,11 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--policy", help="eviction policy of every tier")
     p.add_argument("--metrics-port", type=int, help="Prometheus port (server.metrics_port)")
     p.add_argument("--log-level", help="debug | info | warning | error")
+    p.add_argument(
+        "--lib-log-level",
+        help="log level of third-party libraries (grpc, asyncio); default: warning, "
+        "or --log-level when that is higher",
+    )
     p.add_argument(
         "--persist-on-shutdown",
         action="store_true",
@@ -178,16 +185,31 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return 0
-    logging.basicConfig(
-        level=cfg.server.log_level.upper(),
-        format="%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s",
-    )
+    if args.lib_log_level:
+        check_log_level(args.lib_log_level, "--lib-log-level")
+    setup_logging(cfg.server.log_level, args.lib_log_level)
     try:
         asyncio.run(run_daemon(cfg))
     except DaemonError as exc:
         print(f"kvstore serve: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+LIB_LOGGERS = ("grpc", "asyncio")
+"""Third-party loggers kept quiet: at debug they log every poll of the event loop."""
+
+
+def setup_logging(level: str, lib_level: str | None = None) -> None:
+    """The daemon's log format at ``level``; :data:`LIB_LOGGERS` at ``lib_level``
+    (default: warning, or ``level`` when that is higher)."""
+    root = logging.getLevelName(level.upper())
+    logging.basicConfig(
+        level=root, format="%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s"
+    )
+    lib = logging.getLevelName(lib_level.upper()) if lib_level else max(root, logging.WARNING)
+    for name in LIB_LOGGERS:
+        logging.getLogger(name).setLevel(lib)
 
 
 def _stats_parser(sub: Any) -> None:
@@ -277,7 +299,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     register_models(sub)
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args))
+        rc = int(args.func(args))
+        sys.stdout.flush()  # here, so a closed pipe is caught below, not at exit
+        return rc
+    except BrokenPipeError:
+        # The reader went away (`kvstore stats | head -3`): stop quietly.  Point stdout
+        # at devnull so the interpreter's final flush does not complain again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except ConfigError as exc:
         print(f"kvstore: config error: {exc}", file=sys.stderr)
         return 2

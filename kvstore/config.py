@@ -61,6 +61,14 @@ def default_dram_bytes() -> int:
     return int(min(max(avail // 8, 256 << 20), 4 << 30)) & ~((1 << 20) - 1)
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def check_log_level(value: str, field_name: str) -> None:
+    if value.lower() not in LOG_LEVELS:
+        raise ConfigError(f"{field_name}: {value!r} not one of {', '.join(LOG_LEVELS)}")
+
+
 @dataclass(slots=True)
 class ServerConfig:
     """Control plane.  ``socket``: Unix socket path; ``tcp``: ``host:port`` or empty (off)."""
@@ -85,10 +93,7 @@ class ServerConfig:
                 raise ConfigError(f"server.tcp: expected 'host:port', got {self.tcp!r}")
         if not 0 <= self.metrics_port < 65536:
             raise ConfigError(f"server.metrics_port: out of range: {self.metrics_port}")
-        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
-            raise ConfigError(
-                f"server.log_level: {self.log_level!r} not one of debug, info, warning, error"
-            )
+        check_log_level(self.log_level, "server.log_level")
         if self.lease_timeout_s <= 0:
             raise ConfigError("server.lease_timeout_s: must be > 0")
         if self.max_keys_per_request <= 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import logging
 import os
@@ -13,11 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvstore import policies  # noqa: F401  (registers policies)
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
-from kvstore.config import Config, ConfigError, tier_kinds
+from kvstore.config import Config, ConfigError, TierConfig, tier_kinds
 from kvstore.gc_tuning import freeze_startup, tune_gc
 from kvstore.hierarchy import Hierarchy, Level
 from kvstore.keys import Namespace
@@ -45,6 +47,7 @@ def build_tiers(cfg: Config) -> list[Tier]:
 
     Raises:
         ConfigError: an unknown kind or invalid option, naming the tier.
+        DaemonError: a tier cannot get its memory or files, naming the tier.
     """
     kinds = tier_kinds()
     data_dir = Path(cfg.data_dir).expanduser()
@@ -55,12 +58,33 @@ def build_tiers(cfg: Config) -> list[Tier]:
                 raise ConfigError(
                     f"tiers[{i}].kind: unknown tier kind {t.kind!r}; known: {', '.join(kinds)}"
                 )
-            tiers.append(TIERS.get(t.kind).from_config(t, data_dir))
+            if t.kind == "dram" and t.capacity > psutil.virtual_memory().total:
+                raise _memory_error(t, "more than this machine has")
+            try:
+                tiers.append(TIERS.get(t.kind).from_config(t, data_dir))
+            except OSError as exc:
+                if exc.errno == errno.ENOMEM:
+                    raise _memory_error(t, exc.strerror or str(exc)) from None
+                raise DaemonError(f"tier {t.name!r} ({t.kind}): {exc}") from None
     except BaseException:
         for built in tiers:
             built.close()
         raise
     return tiers
+
+
+def _memory_error(t: TierConfig, why: str) -> DaemonError:
+    """The error for a tier whose memory cannot be allocated, with what there is."""
+    vm = psutil.virtual_memory()
+    return DaemonError(
+        f"tier {t.name!r} ({t.kind}): cannot allocate {_gib(t.capacity)} ({why}); "
+        f"{_gib(vm.available)} of memory available, {_gib(vm.total)} in all: "
+        "lower its capacity (--dram, tiers.capacity)"
+    )
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):,.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):,.0f} MiB"
 
 
 def _models_stats() -> dict[str, Any]:
@@ -172,7 +196,16 @@ class Daemon:
         self._health = hs
         self.server = server
         if scfg.metrics_port:
-            self._metrics_server = start_metrics_server(self, scfg.metrics_host, scfg.metrics_port)
+            where = f"{scfg.metrics_host}:{scfg.metrics_port}"
+            try:
+                self._metrics_server = start_metrics_server(
+                    self, scfg.metrics_host, scfg.metrics_port
+                )
+            except OSError as exc:
+                raise DaemonError(
+                    f"cannot serve metrics on {where} (server.metrics_port / --metrics-port): "
+                    f"{exc.strerror or exc}"
+                ) from None
         self._reaper = asyncio.create_task(self._reap_loop())
         log.info(
             "kvstore serving on unix:%s%s; tiers: %s",

@@ -11,7 +11,7 @@ from tests.kvstore.conftest import SMALL, DaemonProc
 
 def test_ctrl_c_with_idle_clients_is_quick_and_clean(make_daemon: type[DaemonProc]) -> None:
     # shutdown_grace_s stays at its 5 s default: an open Watch stream used to hold it all.
-    d = make_daemon(SMALL).start()
+    d = make_daemon(SMALL, args=("--log-level", "debug")).start()
     c = Client(d.socket, reconnect=False)
     c2 = Client(d.socket, reconnect=False)
     try:
@@ -23,6 +23,9 @@ def test_ctrl_c_with_idle_clients_is_quick_and_clean(make_daemon: type[DaemonPro
         assert took < 2.0, f"stop took {took:.2f}s:\n{log}"
         assert "level=ERROR" not in log and "Traceback" not in log, log
         assert "stopped" in log
+        # Debug is the daemon's own: grpc and asyncio stay at warning (one line per poll).
+        assert "logger=kvstore" in log
+        assert "logger=grpc" not in log and "logger=asyncio" not in log, log
         c._watch_thread.join(2.0)  # the Watch stream ended: the client can tell
         assert not c._watch_thread.is_alive()
     finally:
