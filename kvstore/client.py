@@ -59,6 +59,7 @@ class BlockLease:
         self, client: Client, keys: Sequence[bytes], views: list[memoryview], bt: int
     ) -> None:
         self._client = client
+        self._session_id = client.session_id  # the session that holds the pins
         self.keys = list(keys)
         self._views = views
         self.arrays = w.readonly_arrays(views)
@@ -79,7 +80,7 @@ class BlockLease:
             self.arrays = []
             self._views = []
             if self.keys:
-                self._client.release(self.keys)
+                self._client._release_lease(self._session_id, self.keys)
 
     def __enter__(self) -> BlockLease:
         return self
@@ -250,6 +251,31 @@ class Client:
                     continue
                 raise from_rpc_error(exc) from None
         raise AssertionError("unreachable")
+
+    def _release_lease(self, sid: int, keys: Sequence[bytes]) -> None:
+        """Releases a lease's pins in session ``sid``, the one that took them.
+
+        A no-op when that session no longer exists: the daemon released its pins
+        when it ended (client closed, or the daemon restarted and the client has
+        reconnected since).  Other errors raise as for :meth:`release`.
+        """
+        if self._channel is None or sid != self.session_id:
+            return
+        try:
+            self._stub.Release(pb.ReleaseRequest(session_id=sid, keys=keys), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND and w.is_session_lost(exc):
+                return  # unknown session: it ended with its pins
+            if self.auto_reconnect and w.is_session_lost(exc):
+                # The daemon went away (and the session with it) or restarted: reconnect
+                # as any call would; the new session never held these pins.
+                log.warning("kvstore session lost (%s); reconnecting", exc.code())
+                try:
+                    self.reconnect()
+                except DaemonUnavailable:
+                    raise from_rpc_error(exc) from None
+                return
+            raise from_rpc_error(exc) from None
 
     # ------------------------------------------------------------------ namespaces
     def register_namespace(self, ns: Namespace) -> bytes:

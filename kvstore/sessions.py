@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -39,7 +40,9 @@ class SessionManager:
         self.h = hierarchy
         self.lease_timeout_s = lease_timeout_s
         self.sessions: dict[int, Session] = {}
-        self._ids = itertools.count(1)
+        # Ids start at random: a client that has not noticed a restart yet must never
+        # reach another client's session (and its pins) with its old id.
+        self._ids = itertools.count(secrets.randbelow(1 << 47) + 1)
         self.opened_total = 0
         self.reclaimed_total = 0
         self.on_close: list[Any] = []  # callables(session_id), e.g. model pins

@@ -1,0 +1,41 @@
+"""A lease taken before a daemon restart: closing it is a no-op, never someone else's pins."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvstore import Client
+from kvstore.errors import FailedPrecondition
+from tests.kvstore.conftest import DaemonProc
+from tests.kvstore.helpers import NS, blocks_for
+
+
+def test_lease_from_before_a_restart_closes_quietly(daemon: DaemonProc) -> None:
+    toks = np.arange(32)
+    with Client(daemon.socket, timeout=10.0) as c:
+        c.store_tokens(NS, toks, blocks_for(NS, toks))
+        lease = c.load_tokens(NS, toks)
+        assert len(lease.keys) == 2
+        old_session = c.session_id
+        daemon.kill()
+        daemon.start()
+        lease.close()  # the daemon released those pins when the session ended
+        lease.close()
+        # The client works on in a new session, whose id the old one never shares.
+        assert c.store_tokens(NS, toks, blocks_for(NS, toks)).new == 2
+        assert c.session_id != old_session
+        with c.load_tokens(NS, toks) as again:
+            assert len(again.keys) == 2
+        st = c.stats()["sessions"]
+        assert st["open"] == 1 and st["pins"] == 0
+
+
+def test_other_release_errors_still_raise(daemon: DaemonProc) -> None:
+    toks = np.arange(32)
+    with Client(daemon.socket) as c:
+        c.store_tokens(NS, toks, blocks_for(NS, toks))
+        lease = c.load_tokens(NS, toks)
+        c.release(lease.keys)  # released behind the lease's back: a caller bug
+        with pytest.raises(FailedPrecondition, match="not acquired by this session"):
+            lease.close()
