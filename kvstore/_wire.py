@@ -68,6 +68,16 @@ def target(socket: str | None, address: str | None) -> str:
     return f"unix:{socket or default_socket()}"
 
 
+def missing_unix_socket(target: str) -> bool:
+    """Whether ``target`` is a ``unix:`` gRPC target whose socket path does not exist
+    (nothing can answer there: a first connect says so at once instead of waiting)."""
+    if not target.startswith("unix:"):
+        return False
+    path = target[len("unix:") :]
+    path = path[2:] if path.startswith("///") else path  # unix:///abs/path
+    return not os.path.exists(path)
+
+
 def unavailable_msg(tgt: str) -> str:
     return (
         f"no kvstore daemon answers at {tgt}: start one with `kvstore serve` (or `make serve`), "

@@ -77,6 +77,8 @@ class AsyncClient:
     ) -> AsyncClient:
         """Opens a session.  Raises :class:`DaemonUnavailable` if no daemon answers."""
         c = cls(w.target(socket, address), name, timeout)
+        if w.missing_unix_socket(c.target):  # nothing can answer: say so now
+            raise DaemonUnavailable(w.unavailable_msg(c.target))
         ch = grpc.aio.insecure_channel(c.target, options=w.CHANNEL_OPTIONS)
         try:
             await asyncio.wait_for(ch.channel_ready(), timeout)

@@ -38,14 +38,6 @@ log = logging.getLogger(__name__)
 __all__ = ["Allocation", "BlockLease", "Client", "LookupResult", "StoreResult"]
 
 
-def _unix_path(target: str) -> str | None:
-    """The filesystem path of a ``unix:`` gRPC target, ``None`` for other targets."""
-    if not target.startswith("unix:"):
-        return None
-    path = target[len("unix:") :]
-    return path[2:] if path.startswith("///") else path  # unix:///abs/path
-
-
 class BlockLease:
     """Pinned, zero-copy views of a cached prefix; released on ``close``/context exit.
 
@@ -120,7 +112,7 @@ class Client:
         self._channel: grpc.Channel | None = None
         self._mm: mmap.mmap | None = None
         self._watch: Any = None
-        if (path := _unix_path(self.target)) is not None and not os.path.exists(path):
+        if w.missing_unix_socket(self.target):
             # Nothing can answer there: say so now rather than after the connect timeout.
             # (A reconnect still waits: the socket is briefly missing while a daemon restarts.)
             raise DaemonUnavailable(w.unavailable_msg(self.target))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kvstore import Client
+from kvstore import AsyncClient, Client
 from kvstore.cli import main
 from kvstore.errors import DaemonUnavailable
 from tests.kvstore.conftest import SMALL, DaemonProc
@@ -23,6 +23,16 @@ def test_missing_socket_fails_fast(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["stats", "--socket", nope]) == 1
     assert time.monotonic() - t0 < 1.0
     assert "no kvstore daemon answers" in capsys.readouterr().err
+
+
+def test_async_connect_to_missing_socket_fails_fast(tmp_path: Path) -> None:
+    import asyncio
+
+    nope = str(tmp_path / "nope.sock")
+    t0 = time.monotonic()
+    with pytest.raises(DaemonUnavailable, match="no kvstore daemon answers at unix:.*nope.sock"):
+        asyncio.run(AsyncClient.connect(nope, timeout=10.0))
+    assert time.monotonic() - t0 < 1.0
 
 
 def test_reconnect_waits_for_the_restarted_daemons_socket(make_daemon: type[DaemonProc]) -> None:
