@@ -8,6 +8,7 @@ import contextlib
 import math
 import mmap
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -160,7 +161,8 @@ def memcpy_gbps(nbytes: int = 256 << 20) -> float:
 # ---------------------------------------------------------------------- daemon
 @contextlib.contextmanager
 def daemon(data_dir: Path, budget: int, extra: Sequence[str] = ()) -> Iterator[str]:
-    sock = str(Path(tempfile.mkdtemp(prefix="kvws", dir="/tmp")) / "models.sock")
+    sock_dir = Path(tempfile.mkdtemp(prefix="kvws", dir="/tmp"))  # short: socket path limit
+    sock = str(sock_dir / "models.sock")
     cmd = [sys.executable, "-m", "loader.service", "--data-dir", str(data_dir)]
     cmd += ["--socket", sock, "--dram-budget", str(budget), "--wait-prefault", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -179,3 +181,4 @@ def daemon(data_dir: Path, budget: int, extra: Sequence[str] = ()) -> Iterator[s
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)

@@ -92,3 +92,10 @@ def test_quick_run_does_not_default_to_the_committed_chart() -> None:
     assert ws.chart_path(p.parse_args(["--quick", "--chart", ""])) == ""
     assert ws.chart_path(p.parse_args(["--quick", "--chart", "x.png"])) == "x.png"
     assert "--quick bench/out/weight_swap_quick.png" in " ".join(p.format_help().split())
+
+
+def test_daemon_leaves_no_socket_folder(tmp_path: Path) -> None:
+    with lim.daemon(tmp_path / "data", 64 << 20, ["--no-prefault"]) as sock:
+        assert os.path.exists(sock)
+        folder = Path(sock).parent
+    assert not folder.exists()
