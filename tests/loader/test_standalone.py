@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,11 +19,18 @@ from tests.loader.conftest import small_model, write_model
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_daemon_process_serves_and_client_maps(tmp_path: Path) -> None:
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A folder for a Unix socket: short (the path limit is 107 bytes), removed after."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as d:
+        yield Path(d)
+
+
+def test_daemon_process_serves_and_client_maps(tmp_path: Path, short_dir: Path) -> None:
     ref = small_model(3)
     with ModelStore(tmp_path / "d") as st:
         st.add("m", write_model(tmp_path / "m.safetensors", ref))
-    sock = str(Path(tempfile.mkdtemp(dir="/tmp")) / "m.sock")
+    sock = str(short_dir / "m.sock")
     cmd = [sys.executable, "-m", "loader.service", "--data-dir", str(tmp_path / "d")]
     cmd += ["--socket", sock, "--dram-budget", "16MiB", "--wait-prefault"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -43,7 +51,7 @@ def test_daemon_process_serves_and_client_maps(tmp_path: Path) -> None:
     assert not list(Path("/dev/shm").glob(f"kvstore-models-{proc.pid}-*"))
 
 
-def test_no_verify_flag_skips_checksums_and_nothing_else(tmp_path: Path) -> None:
+def test_no_verify_flag_skips_checksums_and_nothing_else(tmp_path: Path, short_dir: Path) -> None:
     """``--no-verify`` (a diagnosis switch for bench.load_gap) really skips the check:
     a flipped byte fails the load by default and passes with the flag."""
     ref = small_model(4)
@@ -56,7 +64,7 @@ def test_no_verify_flag_skips_checksums_and_nothing_else(tmp_path: Path) -> None
             f.seek(t.offset)
             f.write(bytes([b[0] ^ 0x01]))
     for flags, ok in (([], False), (["--no-verify"], True)):
-        sock = str(Path(tempfile.mkdtemp(dir="/tmp")) / "m.sock")
+        sock = str(short_dir / f"m{len(flags)}.sock")
         cmd = [sys.executable, "-m", "loader.service", "--data-dir", str(tmp_path / "d")]
         cmd += ["--socket", sock, "--dram-budget", "16MiB", "--wait-prefault", *flags]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
