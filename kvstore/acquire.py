@@ -115,10 +115,34 @@ def read_jobs(h: Hierarchy, plan: AcquirePlan, sources: Sequence[int]) -> None:
     for src in sources:
         batch = plan.jobs[src]
         try:
-            plan.results[src] = _read_batch(h, src, plan.target, batch)
+            results = _read_batch(h, src, plan.target, batch)
         except Exception as exc:  # noqa: BLE001 - must not leave the plan half-done
             log.exception("promotion of %d blocks from tier %d failed", len(batch), src)
-            plan.results[src] = [exc] * len(batch)
+            results = [exc] * len(batch)
+        for err in results:
+            if err is not None:
+                _drop_traceback(err)
+        plan.results[src] = results
+
+
+def _drop_traceback(exc: BaseException) -> None:
+    """Detaches the tracebacks of ``exc`` and of the exceptions it chains.
+
+    A read error's traceback holds the frames of the failed read, and so the arena
+    slice it read into: kept in a plan, or in a reference cycle through a frame
+    (``bad = ...; raise bad`` or a list of results in that frame), that slice
+    outlives the read until the cycle collector runs, and the DRAM tier cannot unmap
+    its arena at shutdown.  Only the exception (type and message) is needed here.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        todo += (e.__cause__, e.__context__)
 
 
 def _read_batch(h: Hierarchy, src: int, dst: int, batch: list[Job]) -> list[Exception | None]:

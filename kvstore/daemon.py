@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -238,25 +239,61 @@ class Daemon:
             if self._servicer is not None:
                 self._servicer.end_watches()
             await self.server.stop(self.cfg.server.shutdown_grace_s)
-        if self.promoter.in_flight:
-            log.info("waiting for %d promotions in flight", self.promoter.in_flight)
-        await self.promoter.drain()  # they write into the arena: finish before it closes
-        self.promoter.close()
-        self.sessions.close_all()
-        if self.cfg.server.persist_on_shutdown:
-            n = self.h.persist_all()
-            log.info("persisted %d DRAM-only blocks to the persistent tier", n)
+        try:
+            if self.promoter.in_flight:
+                log.info("waiting for %d promotions in flight", self.promoter.in_flight)
+            await self.promoter.drain()  # they write into the arena: finish before it closes
+            self.promoter.close()
+            self.sessions.close_all()
+            if self.cfg.server.persist_on_shutdown:
+                n = self.h.persist_all()
+                log.info("persisted %d DRAM-only blocks to the persistent tier", n)
+        except BaseException:
+            self._release()  # the tiers close (NVMe flushed) whatever failed before
+            raise
+        failed = self._release()
+        if failed:
+            log.error("stopped; failed to close: %s", ", ".join(failed))
+            raise DaemonError(f"shutdown incomplete: failed to close {', '.join(failed)}")
+        log.info("stopped")
+
+    def _release(self) -> list[str]:
+        """Closes the models service, the tiers, the metrics server and our socket;
+        each runs whatever the others do.  Returns what failed to close (logged)."""
+        failed: list[str] = []
         for closer in self.extra_closers:
-            closer()
-        for t in self.tiers:
-            t.flush()
-            t.close()
+            try:
+                closer()
+            except Exception:  # noqa: BLE001 - the tiers must still close
+                log.exception("closing %r failed", closer)
+                failed.append(repr(closer))
+        failed += close_tiers(self.tiers)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         sock = Path(self.cfg.server.socket).expanduser()
         if self.server is not None and sock.is_socket():  # only a socket we bound
             sock.unlink()
-        log.info("stopped")
+        return failed
+
+
+def close_tiers(tiers: Sequence[Tier]) -> list[str]:
+    """Flushes and closes every tier, persistent ones first; returns those that failed.
+
+    A persistent tier (NVMe) goes first: its queued writes are what a clean shutdown
+    promises to keep, and nothing that happens to another tier may skip them.  Every
+    tier's close runs even if another's raised; each failure is logged.
+    """
+    failed: list[str] = []
+    for t in sorted(tiers, key=lambda t: not t.persistent):  # stable: config order within
+        try:
+            try:
+                t.flush()
+            finally:
+                t.close()
+        except Exception:  # noqa: BLE001 - the other tiers must still close
+            log.exception("tier %r (%s): flush/close failed", t.name, t.kind)
+            failed.append(f"tier {t.name!r}")
+    return failed
 
 
 def _prepare_socket(sock: Path) -> None:

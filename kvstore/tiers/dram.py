@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 import mmap
 import os
@@ -156,10 +157,37 @@ class SharedArena:
             for off in range(0, self.size, step):
                 self.mm[off] = 0
 
-    def close(self) -> None:
+    def close(self) -> bool:
+        """Unmaps the arena and closes its ``memfd``; never raises for lingering views.
+
+        A view of the arena still alive somewhere in this process (an exception's
+        traceback, a reference cycle not yet collected) keeps the mapping from being
+        closed.  Cycles are collected and the close retried once; if views remain, the
+        mapping is left for the process's exit and a warning logged: shutdown goes on.
+
+        Returns:
+            Whether the mapping was closed.
+        """
+        if self.fd < 0:
+            return True
         self.view.release()
-        self.mm.close()
-        os.close(self.fd)
+        closed = True
+        try:
+            self.mm.close()
+        except BufferError:
+            gc.collect()  # views held only by unreachable cycles go now
+            try:
+                self.mm.close()
+            except BufferError:
+                closed = False
+                log.warning(
+                    "dram arena: %d B mapping still has views in this process; "
+                    "leaving it to be unmapped at exit",
+                    self.size,
+                )
+        os.close(self.fd)  # the mapping (if left) keeps its own reference to the memory
+        self.fd = -1
+        return closed
 
 
 def _mbind(mm: mmap.mmap, size: int, node: int) -> None:
@@ -274,10 +302,14 @@ class DramTier(Tier):
         }
 
     def close(self) -> None:
-        if self._pinned is not None:
-            unpin_host_memory(self._pinned)
-            self._pinned = None
-        self.arena.close()
+        """Unpins and unmaps the arena.  Idempotent; views of the arena that linger in
+        this process leave the mapping to the process's exit (logged), never an error."""
+        try:
+            if self._pinned is not None:
+                pinned, self._pinned = self._pinned, None
+                unpin_host_memory(pinned)
+        finally:
+            self.arena.close()
 
 
 @TIERS.register("cxl")
