@@ -63,6 +63,15 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         self.w = daemon.write_level
         self._closed: dict[int, asyncio.Event] = {}  # set: that session's Watch streams end
         self._shutting_down = False
+        # However a session ends (CloseSession, its Watch ending, lease expiry, daemon
+        # stop), the manager calls this: no per-session state outlives the session.
+        daemon.sessions.on_close.append(self._session_ended)
+
+    def _session_ended(self, sid: int) -> None:
+        """Drops the state of session ``sid`` and ends its Watch streams."""
+        ev = self._closed.pop(sid, None)
+        if ev is not None:
+            ev.set()
 
     # ------------------------------------------------------------------ validation
     def _session(self, sid: int) -> Session:
@@ -135,8 +144,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             # the session stays: its calls in flight may finish; the daemon closes it after.
             s.watchers -= 1
             if s.watchers == 0 and not self._shutting_down and s.id in self.d.sessions.sessions:
-                self.d.sessions.close(s.id, reason="client disconnected")
-                self._closed.pop(s.id, None)
+                self.d.sessions.close(s.id, reason="client disconnected")  # drops _closed[s.id]
 
     def end_watches(self) -> None:
         """Ends every Watch stream, now and as they open (daemon shutdown).
@@ -149,10 +157,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             ev.set()
 
     async def CloseSession(self, request: pb.CloseSessionRequest, context: Ctx) -> Any:
+        # Ends its Watch streams too (_session_ended).
         released, aborted = self.d.sessions.close(request.session_id)
-        ev = self._closed.pop(request.session_id, None)
-        if ev is not None:
-            ev.set()
         return pb.CloseSessionResponse(released_pins=released, aborted_allocations=aborted)
 
     # ------------------------------------------------------------------ namespaces

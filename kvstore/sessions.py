@@ -45,7 +45,9 @@ class SessionManager:
         self._ids = itertools.count(secrets.randbelow(1 << 47) + 1)
         self.opened_total = 0
         self.reclaimed_total = 0
-        self.on_close: list[Any] = []  # callables(session_id), e.g. model pins
+        # callables(session_id), run however a session ends: they drop what the server
+        # and the model service keep per session (Watch events, model pins).
+        self.on_close: list[Any] = []
 
     def open(self, name: str, pid: int) -> Session:
         now = time.monotonic()
@@ -78,7 +80,10 @@ class SessionManager:
                 released += n
         aborted = self.h.abort(sid, s.allocs)
         for hook in self.on_close:
-            hook(sid)
+            try:
+                hook(sid)
+            except Exception:  # noqa: BLE001 - every hook must run: each drops state
+                log.exception("session %d: on_close hook %r failed", sid, hook)
         if reason != "closed" or released or aborted:
             log.info(
                 "session %d (%s) %s: released %d pins, aborted %d allocations",

@@ -1,0 +1,103 @@
+"""However a session ends, no per-session state is left in the server or the manager.
+
+Sessions that expired by lease timeout (no Watch, no CloseSession) used to leave an
+entry each in the servicer's ``_closed`` map: a leak of ~1 KiB per session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+
+from kvstore._proto import kvstore_pb2 as pb
+from kvstore._proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.config import Config, ServerConfig, TierConfig
+from kvstore.daemon import Daemon
+
+N = 200
+
+
+def _config(tmp_path: Path, lease_s: float = 0.2) -> Config:
+    return Config(
+        server=ServerConfig(socket=str(tmp_path / "kv.sock"), lease_timeout_s=lease_s),
+        tiers=[TierConfig("dram", "dram", 4 << 20, options={"slab_bytes": "1MiB"})],
+        data_dir=str(tmp_path / "data"),
+    ).validate()
+
+
+def _state(d: Daemon) -> tuple[int, int]:
+    assert d._servicer is not None
+    return len(d._servicer._closed), len(d.sessions.sessions)
+
+
+async def _until(pred: object, timeout: float = 10.0) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        if pred():  # type: ignore[operator]
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+def test_every_way_a_session_ends_drops_its_state(tmp_path: Path) -> None:
+    async def main() -> None:
+        d = Daemon(_config(tmp_path))
+        await d.start()
+        try:
+            async with grpc.aio.insecure_channel(f"unix:{tmp_path / 'kv.sock'}") as ch:
+                stub = pb_grpc.KVStoreStub(ch)
+                # Lease expiry: sessions opened and forgotten (no Watch, no CloseSession).
+                for _ in range(N):
+                    await stub.OpenSession(pb.OpenSessionRequest(client_name="leak"))
+                assert _state(d) == (N, N)
+                assert await _until(lambda: d.sessions.reclaimed_total == N)
+                assert _state(d) == (0, 0)
+
+                # CloseSession, and a Watch that ends when its client goes.
+                a = await stub.OpenSession(pb.OpenSessionRequest())
+                await stub.CloseSession(pb.CloseSessionRequest(session_id=a.session_id))
+                b = await stub.OpenSession(pb.OpenSessionRequest())
+                watch = stub.Watch(pb.WatchRequest(session_id=b.session_id))
+                await watch.read()
+                watch.cancel()
+                assert await _until(lambda: _state(d) == (0, 0))
+
+                # Daemon stop: sessions still open, one with a Watch.
+                c = await stub.OpenSession(pb.OpenSessionRequest())
+                await stub.OpenSession(pb.OpenSessionRequest())
+                watch = stub.Watch(pb.WatchRequest(session_id=c.session_id))
+                await watch.read()
+                assert _state(d) == (2, 2)
+        finally:
+            await d.stop()
+        assert _state(d) == (0, 0)
+
+    asyncio.run(main())
+
+
+def test_a_failing_close_hook_does_not_skip_the_others(tmp_path: Path) -> None:
+    async def main() -> None:
+        d = Daemon(_config(tmp_path, lease_s=60))
+        await d.start()
+        try:
+            seen: list[int] = []
+
+            def bad(sid: int) -> None:
+                raise RuntimeError("boom")
+
+            d.sessions.on_close.insert(0, bad)
+            d.sessions.on_close.append(seen.append)
+            async with grpc.aio.insecure_channel(f"unix:{tmp_path / 'kv.sock'}") as ch:
+                stub = pb_grpc.KVStoreStub(ch)
+                a = await stub.OpenSession(pb.OpenSessionRequest())
+                await stub.CloseSession(pb.CloseSessionRequest(session_id=a.session_id))
+            assert seen == [a.session_id]
+            assert _state(d) == (0, 0)
+        finally:
+            d.sessions.on_close.pop(0)
+            await d.stop()
+
+    asyncio.run(main())
