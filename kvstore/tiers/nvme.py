@@ -42,12 +42,13 @@ import xxhash
 from kvstore.config import ConfigError, TierConfig
 from kvstore.tiers.base import TIERS, ChecksumMismatch, RecoveredBlock, Tier, TierIOError
 from kvstore.tiers.nvme_compact import CompactionMixin
-from kvstore.tiers.nvme_index import DeleteIf, Index, NvmeIndexError, Op, Put, Record
-from kvstore.tiers.nvme_io import ALIGN, IOBackend, StagingPool, align_up, make_backend
+from kvstore.tiers.nvme_index import DeleteIf, NvmeIndexError, Op, Put
+from kvstore.tiers.nvme_io import IOBackend, StagingPool, align_up, make_backend
 from kvstore.tiers.nvme_io import probe_o_direct as _probe_o_direct
 from kvstore.tiers.nvme_options import NvmeDirError, NvmeOptions, open_dir, take_dir_lock
 from kvstore.tiers.nvme_read import BatchReadMixin
 from kvstore.tiers.nvme_segments import Segment, SegmentSet, Slot, SlotState
+from kvstore.tiers.nvme_start import StartupMixin, open_index
 
 if TYPE_CHECKING:
     from kvstore.entry import BlockEntry
@@ -58,7 +59,7 @@ __all__ = ["NvmeDirError", "NvmeOptions", "NvmeTier", "Slot"]
 
 
 @TIERS.register("nvme")
-class NvmeTier(BatchReadMixin, CompactionMixin, Tier):
+class NvmeTier(BatchReadMixin, CompactionMixin, StartupMixin, Tier):
     """Blocks in segment files on a local disk, indexed in LMDB; survives restarts.
 
     Args:
@@ -82,14 +83,14 @@ class NvmeTier(BatchReadMixin, CompactionMixin, Tier):
         super().__init__(name, capacity_bytes)
         self.opts = o = options or NvmeOptions()
         o.validate(f"tier {name!r}")
-        self.path = open_dir(Path(path), o.create_dir)
+        self.path, full = open_dir(Path(path), o.create_dir)  # full: start degraded
         self._lock_fd = take_dir_lock(self.path)
         self._closed = False
         try:
             seg_dir = self.path / "segments"
             seg_dir.mkdir(exist_ok=True)
             can_direct = _probe_o_direct(seg_dir)
-            if o.o_direct is True and not can_direct:
+            if o.o_direct is True and not can_direct and full is None:
                 raise ConfigError(f"tier {name!r}: o_direct = true but {seg_dir} refuses O_DIRECT")
             self.o_direct = can_direct and o.o_direct is not False
             try:
@@ -97,9 +98,11 @@ class NvmeTier(BatchReadMixin, CompactionMixin, Tier):
             except RuntimeError as exc:
                 raise ConfigError(f"tier {name!r}: {exc}") from exc
             try:
-                self.index = Index(self.path / "index", o.index_map_bytes)
+                self.index, self._index_empty_why = open_index(self.path / "index", o, name)
             except NvmeIndexError as exc:
                 raise NvmeDirError(str(exc)) from exc
+            except OSError as exc:
+                raise NvmeDirError(f"cannot open the nvme tier at {self.path}: {exc}") from exc
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -123,6 +126,7 @@ class NvmeTier(BatchReadMixin, CompactionMixin, Tier):
             self.index.close()
             os.close(self._lock_fd)
             raise NvmeDirError(f"cannot load the nvme tier at {self.path}: {exc}") from exc
+        self._check_space(full)
         self.staging = StagingPool(o.staging_bytes)
         self._wq: collections.deque[Slot] = collections.deque()
         self._wq_cv = threading.Condition()
@@ -176,45 +180,6 @@ class NvmeTier(BatchReadMixin, CompactionMixin, Tier):
         return cls(cfg.name, cfg.capacity, path, opts)
 
     # ------------------------------------------------------------------ start-up
-    def _load(self) -> list[Slot]:
-        """Rebuild slots from the index; drop records naming nothing; reclaim orphan space."""
-        segs = self.segs
-        found = segs.scan_files()
-        slots: list[Slot] = []
-        bad: list[bytes] = []
-        for key, raw in self.index.scan():
-            try:
-                rec = Record.decode(raw)
-            except ValueError:
-                bad.append(key)
-                continue
-            seg = found.get(rec.seg)
-            if (
-                seg is None
-                or rec.off % ALIGN
-                or rec.length != align_up(rec.nbytes)
-                or rec.off + rec.length > seg.file_bytes
-            ):
-                bad.append(key)
-                continue
-            s = Slot(key, rec.length, rec.nbytes)
-            s.state = SlotState.DURABLE
-            s.seg, s.off, s.checksum, s.codec = seg, rec.off, rec.checksum, rec.codec
-            s.ns, s.parent, s.depth = rec.ns, rec.parent, rec.depth
-            seg.slots.add(s)
-            seg.live += rec.length
-            self._used += rec.length
-            slots.append(s)
-        if bad:
-            log.warning(
-                "nvme tier %r: dropping %d index records naming no data", self.name, len(bad)
-            )
-            self.index.delete_keys(bad)
-        self.counters["recovered_blocks"] = len(slots)
-        self.counters["recovered_dropped"] = len(bad)
-        self.counters["orphan_bytes_reclaimed"] = segs.adopt(found)
-        return slots
-
     def recover(self) -> Iterable[RecoveredBlock]:
         """Every block the index held at start (call once, before new writes)."""
         out = [

@@ -34,6 +34,7 @@ class CompactionMixin:
     _compact_lock: threading.Lock
     _compact_wake: threading.Event
     _closed: bool
+    degraded: str | None
 
     def _degrade(self, reason: str) -> None:
         raise NotImplementedError
@@ -54,6 +55,8 @@ class CompactionMixin:
         with self._compact_lock:
             with self._lock:
                 todo = self.segs.candidates(ratio)
+                if self.degraded:  # copies would fail (a full disk): only delete dead files
+                    todo = [s for s in todo if s.live == 0]
             for seg in todo:
                 reclaimed += self._compact_segment(seg)
         return reclaimed

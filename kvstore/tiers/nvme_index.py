@@ -98,6 +98,14 @@ class NvmeIndexError(Exception):
     """The index cannot be opened or written (the message names the path)."""
 
 
+def advice(index_dir: Path) -> str:
+    """What an operator does with an index the tier cannot use."""
+    return (
+        f"move {index_dir / 'data.mdb'} aside (rename it) and restart: the tier then starts "
+        f"empty and its segment files are reclaimed"
+    )
+
+
 class Index:
     """The LMDB environment of one NVMe tier directory."""
 
@@ -109,6 +117,10 @@ class Index:
             self.env = lmdb.open(
                 str(path), map_size=map_bytes, max_dbs=2, subdir=True, sync=True, metasync=True
             )
+        except lmdb.InvalidError as exc:  # MDB_INVALID: not an LMDB file (garbage header)
+            raise NvmeIndexError(
+                f"cannot open the NVMe index at {path}: {exc}; {advice(path)}"
+            ) from exc
         except (OSError, lmdb.Error) as exc:
             raise NvmeIndexError(f"cannot open the NVMe index at {path}: {exc}") from exc
         self.blocks = self.env.open_db(b"blocks")

@@ -70,7 +70,8 @@ def probe_o_direct(directory: Path) -> bool:
         os.preadv(fd, [buf], 0)
         return True
     except OSError as exc:
-        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+        # A full disk cannot tell: buffered I/O (the tier then starts degraded).
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSPC, errno.EDQUOT):
             return False
         raise
     finally:

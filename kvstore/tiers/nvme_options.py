@@ -3,6 +3,8 @@ checks of its directory at start."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import os
 from dataclasses import dataclass, fields
@@ -42,6 +44,10 @@ class NvmeOptions:
             :meth:`NvmeTier.compact`).
         create_dir: create ``path`` when missing (else a missing path is an error).
         index_map_bytes: LMDB map size (an upper bound, not allocated up front).
+        index_check: at start, walk every page of the LMDB index in a child process
+            before mapping it here, so that a damaged file is found (and set aside)
+            instead of killing the daemon with ``SIGBUS`` (~65 ms for 5,000 blocks).
+            Off: only a file cut short is caught.
         read_delay_ms: for tests only: every ``read_many`` sleeps this long first (a
             slow disk, deterministically).
     """
@@ -59,6 +65,7 @@ class NvmeOptions:
     background_compaction: bool = True
     create_dir: bool = True
     index_map_bytes: int = 4 << 30
+    index_check: bool = True
     read_delay_ms: float = 0.0
 
     @classmethod
@@ -110,7 +117,7 @@ class NvmeOptions:
                 if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 10_000:
                     raise ConfigError(f"{f}: expected milliseconds in 0..10000, got {v!r}")
                 setattr(o, k, float(v))
-            elif k in ("background_compaction", "create_dir"):
+            elif k in ("background_compaction", "create_dir", "index_check"):
                 if not isinstance(v, bool):
                     raise ConfigError(f"{f}: expected true or false, got {v!r}")
                 setattr(o, k, v)
@@ -133,8 +140,16 @@ class NvmeOptions:
             raise ConfigError(f"{where}.options.index_map_bytes: must be >= 1 MiB")
 
 
-def open_dir(path: Path, create: bool) -> Path:
-    """The tier directory, created if allowed; a clear error naming the path if unusable."""
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def open_dir(path: Path, create: bool) -> tuple[Path, OSError | None]:
+    """The tier directory, created if allowed; a clear error naming the path if unusable.
+
+    Returns:
+        The path, and the probe's error when the directory is usable but its disk is
+        full (``ENOSPC``/``EDQUOT``): the tier then starts degraded instead of failing.
+    """
     if not path.exists():
         if not create:
             raise NvmeDirError(f"nvme tier directory {path} does not exist (create_dir = false)")
@@ -144,13 +159,26 @@ def open_dir(path: Path, create: bool) -> Path:
             raise NvmeDirError(f"cannot create nvme tier directory {path}: {exc}") from exc
     if not path.is_dir():
         raise NvmeDirError(f"nvme tier path {path} exists but is not a directory")
+    return path, probe_write(path)
+
+
+def probe_write(path: Path) -> OSError | None:
+    """Writes and removes a 1-byte file in ``path``; the error if its disk is full.
+
+    Raises:
+        NvmeDirError: any other failure (``EACCES``, ``EROFS`` ...), naming the path.
+    """
     probe = path / ".write-probe"
     try:
         probe.write_bytes(b"x")
-        probe.unlink()
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            probe.unlink()  # a disk-full write may leave the file behind, empty
+        if exc.errno in DISK_FULL:
+            return exc
         raise NvmeDirError(f"nvme tier directory {path} is not writable: {exc}") from exc
-    return path
+    probe.unlink()
+    return None
 
 
 def take_dir_lock(path: Path) -> int:
