@@ -20,6 +20,7 @@ import logging
 import mmap
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -112,6 +113,10 @@ class Client:
         self._channel: grpc.Channel | None = None
         self._mm: mmap.mmap | None = None
         self._watch: Any = None
+        # Pins taken by acquire() (the low-level call): in the current session, and in
+        # sessions that ended (the daemon dropped those; release() of them is a no-op).
+        self._pins: Counter[bytes] = Counter()
+        self._ended_pins: Counter[bytes] = Counter()
         if w.missing_unix_socket(self.target):
             # Nothing can answer there: say so now rather than after the connect timeout.
             # (A reconnect still waits: the socket is briefly missing while a daemon restarts.)
@@ -172,8 +177,13 @@ class Client:
             self._mm = None
 
     def reconnect(self) -> None:
-        """Drops the connection and opens a new session (e.g. after a daemon restart)."""
+        """Drops the connection and opens a new session (e.g. after a daemon restart).
+
+        The pins of the old session end with it (the daemon releases them).
+        """
         self._teardown()
+        self._ended_pins += self._pins
+        self._pins = Counter()
         self._connect()
 
     # ------------------------------------------------------------------ model weights
@@ -320,15 +330,48 @@ class Client:
         return int(resp.aborted)
 
     def acquire(self, keys: Sequence[bytes]) -> list[memoryview | None]:
-        """Pins blocks (promoting them to DRAM) and returns read-only views, ``None`` = miss."""
-        return [None if v is None else v.toreadonly() for v in self._acquire(keys)]
+        """Pins blocks (promoting them to DRAM) and returns read-only views, ``None`` = miss.
+
+        Give the pins back with :meth:`release`; they also end with the session.
+        """
+        views = self._acquire(keys)
+        self._pins.update(k for k, v in zip(keys, views, strict=True) if v is not None)
+        return [None if v is None else v.toreadonly() for v in views]
 
     def _acquire(self, keys: Sequence[bytes]) -> list[memoryview | None]:
         resp = self._rpc("Acquire", lambda sid: pb.AcquireRequest(session_id=sid, keys=keys))
         return w.acquired_views(resp, self._arena)
 
     def release(self, keys: Sequence[bytes]) -> None:
-        self._rpc("Release", lambda sid: pb.ReleaseRequest(session_id=sid, keys=keys))
+        """Gives back pins taken by :meth:`acquire` (one per key listed).
+
+        Pins taken in a session that has ended since (the daemon restarted, the
+        session expired) are skipped: the daemon released them when it ended, and
+        the session the client has now never held them.  When the release itself
+        finds the session gone, it is a no-op for the same reason (the client
+        reconnects, as any call would).
+
+        Raises:
+            FailedPrecondition: a key this client's session does not hold (nothing
+                is released then).
+            DaemonUnavailable: no daemon answers.
+        """
+        keys = list(keys)
+        taken = Counter(k for k in keys if _take(self._pins, k))
+        if self._ended_pins:  # a pin of this session first, else one that ended
+            left = taken.copy()
+            keys = [k for k in keys if _take(left, k) or not _take(self._ended_pins, k)]
+            if not keys:
+                return
+        if self._channel is None:
+            self._pins += taken
+            raise DaemonUnavailable("client is closed")
+        try:
+            # In this session only: if it ended meanwhile, so did its pins.
+            self._release_lease(self.session_id, keys)
+        except BaseException:
+            self._pins += taken  # nothing was released
+            raise
 
     def prefetch(self, keys: Sequence[bytes]) -> int:
         """Promotes blocks to DRAM ahead of need; returns how many moved."""
@@ -410,6 +453,18 @@ class Client:
         # prefix before it is usable, so give back the pins taken after it.
         tail = [k for k, v in zip(keys[m:n], views[m:], strict=True) if v is not None]
         if tail:
-            self.release(tail)
+            self._release_lease(self.session_id, tail)
         held = [v for v in views[:m] if v is not None]
         return BlockLease(self, keys[:m], held, ns.block_tokens)
+
+
+def _take(pins: Counter[bytes], key: bytes) -> bool:
+    """Removes one pin of ``key`` from ``pins``; whether there was one."""
+    n = pins.get(key, 0)
+    if n <= 0:
+        return False
+    if n == 1:
+        del pins[key]
+    else:
+        pins[key] = n - 1
+    return True
