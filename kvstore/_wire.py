@@ -100,8 +100,13 @@ def map_arena(path: str, size: int) -> mmap.mmap:
 
 
 def is_session_lost(exc: grpc.RpcError) -> bool:
+    """Whether the daemon went away (or restarted) with the client's session.
+
+    A CANCELLED call counts: the clients never cancel the calls they wait on, so the
+    server did, as it does with calls still running when it stops.
+    """
     code = exc.code() if hasattr(exc, "code") else None
-    if code == grpc.StatusCode.UNAVAILABLE:
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
         return True
     details = exc.details() if hasattr(exc, "details") else ""
     return code == grpc.StatusCode.NOT_FOUND and "unknown session" in (details or "")

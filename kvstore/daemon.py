@@ -37,6 +37,7 @@ log = logging.getLogger("kvstore.daemon")
 
 SERVICE_NAME = "kvstore.v1.KVStore"
 _POLICY_BLOCK_HINT = 2 << 20  # typical block size, only to size policy queues
+_ABORT_MARGIN_S = 1.0  # after the grace period: time for calls to end with UNAVAILABLE
 
 
 class DaemonError(RuntimeError):
@@ -238,7 +239,7 @@ class Daemon:
             # below waits the whole grace period and then cancels them mid-await.
             if self._servicer is not None:
                 self._servicer.end_watches()
-            await self.server.stop(self.cfg.server.shutdown_grace_s)
+            await self._stop_server(self.server, self.cfg.server.shutdown_grace_s)
         try:
             if self.promoter.in_flight:
                 log.info("waiting for %d promotions in flight", self.promoter.in_flight)
@@ -256,6 +257,20 @@ class Daemon:
             log.error("stopped; failed to close: %s", ", ".join(failed))
             raise DaemonError(f"shutdown incomplete: failed to close {', '.join(failed)}")
         log.info("stopped")
+
+    async def _stop_server(self, server: grpc.aio.Server, grace: float) -> None:
+        """Stops accepting calls; those in flight have ``grace`` seconds to complete.
+
+        Then ours still waiting end with UNAVAILABLE (the daemon is going away: clients
+        reconnect) rather than being cancelled by the server (a bare CANCELLED); the
+        server cancels what is left (the model service's calls) a moment later.
+        """
+        stopping = asyncio.ensure_future(server.stop(grace + _ABORT_MARGIN_S))
+        await asyncio.wait((stopping,), timeout=grace)
+        if not stopping.done() and self._servicer is not None:
+            log.info("shutdown grace period over: ending the calls still in flight")
+            self._servicer.abort_waits()
+        await stopping
 
     def _release(self) -> list[str]:
         """Closes the models service, the tiers, the metrics server and our socket;

@@ -40,12 +40,18 @@ _BY_CODE: dict[grpc.StatusCode, type[KVStoreError]] = {
 }
 
 
+# Codes that mean the daemon did not answer.  CANCELLED: the clients never cancel a
+# call they wait on (the sync ones cannot; an asyncio cancellation raises
+# CancelledError, not an RpcError), so it is the server cancelling, i.e. stopping.
+_GONE = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+
+
 def from_rpc_error(err: grpc.RpcError) -> KVStoreError:
     """Maps a gRPC error to the matching :class:`KVStoreError` subclass."""
     code = err.code() if hasattr(err, "code") else None
     details = err.details() if hasattr(err, "details") else str(err)
     cls = _BY_CODE.get(code, KVStoreError) if code is not None else KVStoreError
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+    if code in _GONE:
         cls = DaemonUnavailable
     exc = cls(f"{details} [{code.name if code is not None else 'UNKNOWN'}]")
     exc.code = code

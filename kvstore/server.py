@@ -63,6 +63,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         self.w = daemon.write_level
         self._closed: dict[int, asyncio.Event] = {}  # set: that session's Watch streams end
         self._shutting_down = False
+        self._grace_over = asyncio.Event()  # set: calls still waiting end with UNAVAILABLE
         # However a session ends (CloseSession, its Watch ending, lease expiry, daemon
         # stop), the manager calls this: no per-session state outlives the session.
         daemon.sessions.on_close.append(self._session_ended)
@@ -155,6 +156,16 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         self._shutting_down = True
         for ev in self._closed.values():
             ev.set()
+
+    def abort_waits(self) -> None:
+        """Ends the calls still waiting (Acquires reading from disk) with UNAVAILABLE.
+
+        The daemon calls this when its shutdown grace period is over: the server
+        would otherwise cancel them, and a client cannot tell a CANCELLED call from
+        one it cancelled itself; UNAVAILABLE says the daemon went away (clients
+        reconnect).  Their promotions finish anyway and unpin (shutdown waits for them).
+        """
+        self._grace_over.set()
 
     async def CloseSession(self, request: pb.CloseSessionRequest, context: Ctx) -> Any:
         # Ends its Watch streams too (_session_ended).
@@ -328,11 +339,22 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         return self._acquired(s, keys, statuses, entries)
 
     async def _acquire_wait(self, s: Session, keys: list[bytes], task: Any) -> Any:
-        try:
-            statuses, entries = await asyncio.shield(task)
+        grace_over = asyncio.ensure_future(self._grace_over.wait())
+        try:  # asyncio.wait never cancels the task: it always completes (kvstore.promote)
+            await asyncio.wait((task, grace_over), return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:  # the client went away: nobody will own the pins
             self.d.promoter.release_when_done(task)
             raise
+        finally:
+            grace_over.cancel()
+        if not task.done():  # the daemon is stopping and its grace period is over
+            self.d.promoter.release_when_done(task)
+            _fail(
+                grpc.StatusCode.UNAVAILABLE,
+                "the daemon is shutting down: blocks still being read from disk were not "
+                "served; retry once it is back",
+            )
+        statuses, entries = task.result()
         if self.d.sessions.sessions.get(s.id) is not s:
             self.h.release([e for e in entries if e is not None])
             _fail(
