@@ -8,7 +8,9 @@ Life of a block (the handle is a :class:`Slot`, which compaction may move):
 1. ``reserve`` counts its aligned size against the capacity.
 2. ``write`` (event-loop thread) copies the bytes into a staging buffer from a
    bounded pool -- waiting for one when all are in flight -- places the extent at the
-   end of the active segment and hands the ``pwritev`` to an I/O thread.
+   end of the active segment and hands the ``pwritev`` to an I/O thread.  When the
+   segment files exceed their bound (turnover faster than compaction) it first
+   waits for compaction (``CompactionMixin.disk_limit``).
 3. The committer thread batches finished writes: ``fdatasync`` of their segments,
    then one LMDB transaction that points the index at them.  The index never names
    bytes that are not durable, so after ``kill -9`` every indexed block reads back
@@ -108,6 +110,8 @@ class NvmeTier(BatchReadMixin, CompactionMixin, StartupMixin, Tier):
             raise
         self._lock = threading.Lock()
         self._flushed = threading.Condition(self._lock)
+        self._compacted = threading.Condition(self._lock)
+        self._disk_limit = self.disk_limit()
         self.segs = SegmentSet(seg_dir, self.io, o.segment_bytes)
         self._used = 0
         self._pending = 0  # writes issued, not yet durable (or failed)
@@ -115,6 +119,7 @@ class NvmeTier(BatchReadMixin, CompactionMixin, StartupMixin, Tier):
             (
                 "writes write_bytes write_requests reads read_bytes read_requests reads_from_staging read_many_calls "
                 "checksum_failures io_errors fsyncs index_txns compactions compacted_bytes "
+                "compaction_waits compaction_wait_ms "
                 "segments_deleted recovered_blocks recovered_dropped orphan_bytes_reclaimed"
             ).split(),
             0,
@@ -233,6 +238,8 @@ class NvmeTier(BatchReadMixin, CompactionMixin, StartupMixin, Tier):
         src = memoryview(src).cast("B")
         if len(src) != s.nbytes:
             raise ValueError(f"write of {len(src)} B into a slot of {s.nbytes} B")
+        if self.segs.disk_bytes > self._disk_limit:  # turnover outruns compaction
+            self._wait_for_compaction()
         buf = self.staging.acquire(s.length)  # waits when all staging is in flight
         mv = memoryview(buf)
         mv[: s.nbytes] = src

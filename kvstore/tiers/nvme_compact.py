@@ -7,11 +7,16 @@ their index records moved in one transaction (each move conditional on the recor
 still naming the old extent).  Once the deletes queued before are applied, the file
 is unlinked; its descriptor closes when the last reader lets go, so a block read
 during compaction is always read whole from one place or the other.
+
+Back-pressure: a ``write`` that finds the segment files over
+:meth:`CompactionMixin.disk_limit` waits for the pending writes to become durable
+and for compaction to catch up, so sustained turnover cannot pile up dead space.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 
 import xxhash
 
@@ -33,14 +38,69 @@ class CompactionMixin:
     _db_lock: threading.Lock
     _compact_lock: threading.Lock
     _compact_wake: threading.Event
+    _compacted: threading.Condition  # on _lock: a segment was retired
+    _compactor: threading.Thread | None
+    capacity_bytes: int
     _closed: bool
+    _pending: int
     degraded: str | None
+    _stalled_at = -1  # segments_deleted when a wait last found compaction stuck
 
     def _degrade(self, reason: str) -> None:
         raise NotImplementedError
 
     def _barrier(self) -> None:
         raise NotImplementedError
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def disk_limit(self) -> float:
+        """Disk use above which a write waits for compaction (back-pressure).
+
+        At steady state every sealed segment not yet due for compaction is less than
+        ``compact_min_dead_ratio`` dead, so the segments hold at most
+        ``capacity / (1 - ratio)``, plus the active segment and the ones being
+        compacted (two segments of slack).  Turnover faster than compaction would
+        pile dead segments up beyond that; the writer waits for them instead.
+        """
+        ratio = self.opts.compact_min_dead_ratio
+        if ratio >= 1:
+            return float("inf")  # only wholly dead segments are compacted: no bound
+        return self.capacity_bytes / (1 - ratio) + 2 * self.opts.segment_bytes
+
+    def _wait_for_compaction(self) -> None:
+        """Called by ``write`` when the segments exceed :meth:`disk_limit`: wait while
+        compaction makes progress (or run it here without a background compactor).
+        Gives up as soon as there is nothing to compact or a round frees nothing, so it
+        never waits for what cannot happen."""
+        limit = self.disk_limit()
+        if self._stalled_at == self.counters["segments_deleted"]:
+            return  # no segment retired since the last wait found compaction stuck
+        t0 = time.monotonic()
+        with self._lock:
+            self.counters["compaction_waits"] += 1
+        while not self._closed and not self.degraded and self.segs.disk_bytes > limit:
+            if self._pending:
+                # A segment is compacted only once its writes are durable: under heavy
+                # turnover, blocks die before the group commit has indexed them.
+                self.flush()
+            if self._compactor is None:
+                if not self.compact():
+                    self._stalled_at = self.counters["segments_deleted"]
+                    break
+                continue
+            with self._lock:
+                if not self.segs.candidates(self.opts.compact_min_dead_ratio):
+                    break
+                before = self.segs.disk_bytes
+                self._compact_wake.set()
+                self._compacted.wait(timeout=1.0)
+                if self.segs.disk_bytes >= before:  # nothing retired within a second
+                    self._stalled_at = self.counters["segments_deleted"]
+                    break
+        with self._lock:
+            self.counters["compaction_wait_ms"] += int((time.monotonic() - t0) * 1000)
 
     def compact(self, min_dead_ratio: float | None = None) -> int:
         """Compact sealed segments whose dead share is at least ``min_dead_ratio``.
@@ -128,6 +188,7 @@ class CompactionMixin:
             self.counters["compactions"] += 1
             self.counters["compacted_bytes"] += sum(s.length for s, n, _ in moves if n)
             self.counters["segments_deleted"] += 1
+            self._compacted.notify_all()
         return size
 
     def _compact_loop(self) -> None:

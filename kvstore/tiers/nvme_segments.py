@@ -150,6 +150,7 @@ class SegmentSet:
         self.segs: dict[int, Segment] = {}
         self.active: Segment | None = None
         self.next_id = 1
+        self.disk_bytes = 0  # sum of the segments' sizes (checked on every write)
 
     def _path(self, seg_id: int) -> Path:
         return self.dir / f"seg-{seg_id:08d}.dat"
@@ -192,6 +193,7 @@ class SegmentSet:
                 reclaimed += seg.file_bytes - end
             seg.size = end
             seg.dead = end - seg.live
+            self.disk_bytes += end
             self.segs[seg.id] = seg
         if reclaimed:
             log.info("nvme: reclaimed %d orphaned bytes in %s", reclaimed, self.dir)
@@ -217,6 +219,7 @@ class SegmentSet:
             self.active = seg
         off = seg.size
         seg.size += length
+        self.disk_bytes += length
         return seg, off
 
     def make_durable(self, seg: Segment) -> None:
@@ -246,6 +249,7 @@ class SegmentSet:
     def retire(self, seg: Segment) -> int:
         """Delete a segment whose blocks all moved or died; returns its size."""
         del self.segs[seg.id]
+        self.disk_bytes -= seg.size
         seg.retired = True
         seg.path.unlink(missing_ok=True)
         self.maybe_close(seg)
@@ -271,4 +275,5 @@ class SegmentSet:
                 self.io.close_file(s.f)
                 s.f = None
         self.segs.clear()
+        self.disk_bytes = 0
         self.active = None
