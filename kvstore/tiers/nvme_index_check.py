@@ -106,6 +106,11 @@ def _walk(index_dir: Path, timeout_s: float) -> tuple[int | None, str]:
             f"checking the NVMe index {index_dir / 'data.mdb'} took more than {timeout_s:.0f} s; "
             f"if the disk is not just slow, {advice(index_dir)}"
         ) from None
+    except OSError as exc:  # no interpreter to run (an embedded Python)
+        raise NvmeIndexError(
+            f"cannot start a process to check the NVMe index {index_dir / 'data.mdb'} "
+            f"({exc}); set the tier option index_check = false to skip the check"
+        ) from exc
     out = r.stdout.strip()
     if r.returncode == 0 and out.startswith("ok "):
         return int(out.split()[1]), ""
@@ -115,7 +120,8 @@ def _walk(index_dir: Path, timeout_s: float) -> tuple[int | None, str]:
         return None, f"LMDB reports {out}"
     raise NvmeIndexError(  # the check itself could not run: say so, do not guess
         f"cannot check the NVMe index {index_dir / 'data.mdb'}: the checking process "
-        f"exited with {r.returncode}: {(out or r.stderr.strip())[-300:]}"
+        f"exited with {r.returncode}: {(out or r.stderr.strip())[-300:]}; set the tier "
+        f"option index_check = false to skip the check"
     )
 
 
