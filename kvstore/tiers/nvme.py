@@ -484,7 +484,10 @@ class NvmeTier(BatchReadMixin, CompactionMixin, StartupMixin, Tier):
                 self.segs.maybe_close(seg)
         bad = self._verify(s, entry, dst, seg, off)
         if bad is not None:
-            raise bad
+            try:
+                raise bad
+            finally:  # no frame -> exception -> traceback -> frame cycle (holds ``dst``)
+                del bad
 
     def _verify(
         self, s: Slot, entry: BlockEntry, dst: memoryview, seg: Segment, off: int

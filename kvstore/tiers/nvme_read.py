@@ -48,7 +48,9 @@ class BatchReadMixin:
         try:
             self.read_into(s, entry, dst)
         except (ChecksumMismatch, TierIOError) as exc:
-            return exc
+            # Without its traceback: the frames hold ``dst`` (a view of the arena) and
+            # the future holding this result, a cycle that would pin the arena.
+            return exc.with_traceback(None)
         return None
 
     def _read_run(self, run: list[tuple[Slot, BlockEntry, memoryview]]) -> list[Exception | None]:

@@ -151,3 +151,32 @@ def test_dram_close_tolerates_a_live_view(caplog: pytest.LogCaptureFixture) -> N
     assert "still has views" in caplog.text
     assert not dram.arena.mm.closed
     held.release()
+
+
+def test_tier_reads_keep_no_view_in_a_cycle(tmp_path: Path, no_gc: None) -> None:
+    # The NVMe tier itself: a failed read leaves ``dst`` only where the caller can
+    # drop it (no exception <-> frame cycle), and read_many's results hold no frame.
+    from kvstore.tiers.base import ChecksumMismatch
+    from tests.kvstore.tiers.nvme_util import put
+
+    nv = open_tier(tmp_path / "nvme")
+    try:
+        blocks = [put(nv, key_of(i, salt=9), NB) for i in range(2)]
+        nv.flush()
+        for h, _e, _ in blocks:
+            _flip(h)
+        buf = bytearray(NB)
+        dst = memoryview(buf)
+        with pytest.raises(ChecksumMismatch):
+            nv.read_into(blocks[0][0], blocks[0][1], dst)
+        dst.release()  # ours; a cycle would still hold a slice of it
+        buf.extend(b"x")  # BufferError if any view of ``buf`` is alive
+        bufs = [bytearray(NB) for _ in blocks]
+        results = nv.read_many(
+            [(h, e, memoryview(b)) for (h, e, _), b in zip(blocks, bufs, strict=True)]
+        )
+        assert all(isinstance(r, ChecksumMismatch) for r in results)
+        for b in bufs:
+            b.extend(b"x")  # the results (kept alive here) hold no view
+    finally:
+        nv.close()
