@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import signal
 import sys
 from collections.abc import Callable
@@ -23,12 +24,13 @@ from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.config import ConfigError, parse_size
 from loader.config import ModelsConfig
-from loader.errors import ModelError
+from loader.errors import ModelError, ModelStoreError
 from loader.paths import user_path
 from loader.residency import READY, ResidencyManager, Resident
 from loader.store import ModelStore
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class ModelsServicer(pb_grpc.ModelsServicer):
@@ -157,12 +159,36 @@ class ModelsServicer(pb_grpc.ModelsServicer):
 _servicer: ModelsServicer | None = None
 
 
+class UnavailableModels(pb_grpc.ModelsServicer):
+    """Stands in when the model store cannot be opened at start (a full disk, say):
+    the KV service runs on, and every Models call says why weights are unavailable."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    async def _fail(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(
+            grpc.StatusCode.FAILED_PRECONDITION, f"model weights are unavailable: {self.reason}"
+        )
+
+    LoadModel = ListModels = SwapModels = PrefetchModel = ReleaseModel = _fail
+
+
 def register(server: grpc.aio.Server, data_dir: Path, options: ModelsConfig) -> None:
-    """Adds the Models service to ``server`` (call once, before ``server.start()``)."""
+    """Adds the Models service to ``server`` (call once, before ``server.start()``).
+
+    When the model store cannot be opened (``ModelStoreError``: no room for its index,
+    an unreadable folder), the service answers every call with that reason instead,
+    and the daemon keeps serving KV blocks."""
     global _servicer
     if _servicer is not None:
         raise RuntimeError("the Models service is already registered in this process")
-    _servicer = ModelsServicer(user_path(data_dir), options.validate())
+    try:
+        _servicer = ModelsServicer(user_path(data_dir), options.validate())
+    except ModelStoreError as exc:
+        log.warning("model weights unavailable: %s", exc)
+        pb_grpc.add_ModelsServicer_to_server(UnavailableModels(str(exc)), server)
+        return
     pb_grpc.add_ModelsServicer_to_server(_servicer, server)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import lmdb
 import xxhash
 
+from kvstore.lmdb_space import reserve_lock_file
 from loader.errors import ModelExistsError, ModelFormatError, ModelNotFoundError, ModelStoreError
 from loader.manifest import ALIGN, Manifest, TensorEntry, align_up
 from loader.paths import user_path
@@ -43,8 +44,14 @@ def _open_env(path: Path) -> lmdb.Environment:
     with _envs_lock:
         env, refs = _envs.get(key, (None, 0))
         if env is None:
-            path.mkdir(parents=True, exist_ok=True)
-            env = lmdb.open(key, map_size=1 << 30, max_dbs=0, subdir=True)
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                reserve_lock_file(path)  # a full disk: an error here, not SIGBUS in LMDB
+                env = lmdb.open(key, map_size=1 << 30, max_dbs=0, subdir=True)
+            except (OSError, lmdb.Error) as exc:
+                raise ModelStoreError(
+                    f"cannot open the model store's index in {path}: {exc}"
+                ) from exc
         _envs[key] = (env, refs + 1)
         return env
 

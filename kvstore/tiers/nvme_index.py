@@ -22,6 +22,8 @@ from typing import NamedTuple
 
 import lmdb
 
+from kvstore.lmdb_space import reserve_lock_file
+
 FORMAT_VERSION = 1
 _HEAD = struct.Struct("<BBHIQQQQIHH")  # version codec flags seg off length nbytes csum depth nsl pl
 
@@ -113,6 +115,7 @@ class Index:
         self.path = path
         try:
             path.mkdir(exist_ok=True)
+            reserve_lock_file(path)  # a full disk: an error here, not SIGBUS in LMDB
             # sync + metasync: a committed transaction survives power loss.
             self.env = lmdb.open(
                 str(path), map_size=map_bytes, max_dbs=2, subdir=True, sync=True, metasync=True
