@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -110,6 +111,48 @@ def is_session_lost(exc: grpc.RpcError) -> bool:
         return True
     details = exc.details() if hasattr(exc, "details") else ""
     return code == grpc.StatusCode.NOT_FOUND and "unknown session" in (details or "")
+
+
+def is_unknown_session(exc: grpc.RpcError) -> bool:
+    """Whether the daemon answered that it does not know the call's session (it ended:
+    expired, closed, or the daemon restarted), as opposed to the daemon not answering."""
+    code = exc.code() if hasattr(exc, "code") else None
+    return code == grpc.StatusCode.NOT_FOUND and is_session_lost(exc)
+
+
+def take_pin(pins: Counter[bytes], key: bytes) -> bool:
+    """Removes one pin of ``key`` from ``pins``; whether there was one."""
+    n = pins.get(key, 0)
+    if n <= 0:
+        return False
+    if n == 1:
+        del pins[key]
+    else:
+        pins[key] = n - 1
+    return True
+
+
+def split_release(
+    pins: Counter[bytes], ended: Counter[bytes], keys: Sequence[bytes]
+) -> tuple[Counter[bytes], list[bytes] | None]:
+    """How a client's ``release(keys)`` splits between the pins of its current session
+    (``pins``) and those of sessions that ended (``ended``, released by the daemon then).
+
+    One pin per key listed: the current session's first, else one that ended.  Both
+    counters are updated.  Returns ``(taken, send)``: ``taken``, the current session's
+    pins removed (add them back to ``pins`` if the release fails); ``send``, the keys to
+    release in the current session, or ``None`` when every key was a pin of a session
+    that ended (nothing to send).  Keys in neither counter stay in ``send``: the daemon
+    says whether the session holds them.
+    """
+    send = list(keys)
+    taken = Counter(k for k in send if take_pin(pins, k))
+    if ended:
+        left = taken.copy()
+        send = [k for k in send if take_pin(left, k) or not take_pin(ended, k)]
+        if not send:
+            return taken, None
+    return taken, send
 
 
 def register_req(sid: int, ns: Namespace) -> pb.RegisterNamespaceRequest:
