@@ -5,14 +5,21 @@ Example:
     ...     await c.store_tokens(ns, tokens, blocks)
     ...     async with await c.load_tokens(ns, tokens) as lease:
     ...         use(lease.arrays)
+
+Like :class:`~kvstore.client.Client`, it survives a daemon restart: a call that finds
+the daemon gone or its session unknown reconnects (new channel, new session, the new
+arena mapped) and is retried once; releasing pins or leases of a session that ended is
+a no-op.  Coroutines share one reconnect: the others wait for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import mmap
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,12 +33,45 @@ from kvstore._wire import Allocation, LookupResult, StoreResult
 from kvstore.errors import DaemonUnavailable, from_rpc_error
 from kvstore.keys import Namespace
 
+log = logging.getLogger(__name__)
+
+
+class _CutOff(grpc.RpcError):
+    """A call on a channel the client closed under it (another coroutine's reconnect).
+
+    grpc.aio raises ``CancelledError`` for such a call; to the caller it is a call the
+    server cancelled: the session is lost (CANCELLED, see :func:`_wire.is_session_lost`).
+    """
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.CANCELLED
+
+    def details(self) -> str:
+        return "the client closed the call's channel (a reconnect, or close()) under it"
+
+
+class _Failed(Exception):
+    """A call in session ``sid`` failed with ``exc`` (internal to :class:`AsyncClient`)."""
+
+    def __init__(self, sid: int, exc: grpc.RpcError) -> None:
+        self.sid = sid
+        self.exc = exc
+
 
 class AsyncBlockLease:
     """Pinned zero-copy views; ``async with`` releases them."""
 
-    def __init__(self, client: AsyncClient, keys: list[bytes], views: list[memoryview], bt: int):
+    def __init__(
+        self,
+        client: AsyncClient,
+        keys: list[bytes],
+        views: list[memoryview],
+        bt: int,
+        session_id: int | None = None,
+    ) -> None:
         self._client = client
+        # The session that holds the pins.
+        self._session_id = client.session_id if session_id is None else session_id
         self.keys = keys
         self.arrays = w.readonly_arrays(views)
         self.num_tokens = len(keys) * bt
@@ -42,7 +82,7 @@ class AsyncBlockLease:
             self._open = False
             self.arrays = []
             if self.keys:
-                await self._client.release(self.keys)
+                await self._client._release_lease(self._session_id, self.keys)
 
     async def __aenter__(self) -> AsyncBlockLease:
         return self
@@ -52,19 +92,29 @@ class AsyncBlockLease:
 
 
 class AsyncClient:
-    """Use :meth:`connect` to create one (connecting is asynchronous)."""
+    """Use :meth:`connect` to create one (connecting is asynchronous).
 
-    def __init__(self, target: str, name: str, timeout: float) -> None:
+    Safe to share between coroutines of one event loop.  ``reconnect``: after the daemon
+    restarts, reopen the session once and retry the call (as :class:`Client` does).
+    """
+
+    def __init__(self, target: str, name: str, timeout: float, reconnect: bool = True) -> None:
         self.target = target
         self.name = name
         self.timeout = timeout
+        self.auto_reconnect = reconnect
         self._channel: grpc.aio.Channel | None = None
         self._mm: mmap.mmap | None = None
         self._watch_task: asyncio.Task[None] | None = None
-        self._registered: set[bytes] = set()
+        self._namespaces: dict[bytes, Namespace] = {}
         self._stub: Any = None
         self._arena = memoryview(b"")
         self.session_id = 0
+        # Pins taken by acquire(), in the current session and in sessions that ended.
+        self._pins: Counter[bytes] = Counter()
+        self._ended_pins: Counter[bytes] = Counter()
+        self._reconnecting: asyncio.Task[None] | None = None  # the one under way
+        self._closed = False
 
     @classmethod
     async def connect(
@@ -74,60 +124,163 @@ class AsyncClient:
         address: str | None = None,
         name: str = "",
         timeout: float = 10.0,
+        reconnect: bool = True,
     ) -> AsyncClient:
         """Opens a session.  Raises :class:`DaemonUnavailable` if no daemon answers."""
-        c = cls(w.target(socket, address), name, timeout)
-        if w.missing_unix_socket(c.target):  # nothing can answer: say so now
+        c = cls(w.target(socket, address), name, timeout, reconnect)
+        if w.missing_unix_socket(c.target):
+            # Nothing can answer there: say so now rather than after the connect timeout.
+            # (A reconnect still waits: the socket is briefly missing while a daemon restarts.)
             raise DaemonUnavailable(w.unavailable_msg(c.target))
-        ch = grpc.aio.insecure_channel(c.target, options=w.CHANNEL_OPTIONS)
-        try:
-            await asyncio.wait_for(ch.channel_ready(), timeout)
-        except TimeoutError:
-            await ch.close()
-            raise DaemonUnavailable(w.unavailable_msg(c.target)) from None
-        c._channel = ch
-        c._stub = pb_grpc.KVStoreStub(ch)
-        try:
-            resp = await c._stub.OpenSession(
-                pb.OpenSessionRequest(client_name=name, client_pid=os.getpid()), timeout=timeout
-            )
-        except grpc.RpcError as exc:
-            await ch.close()
-            raise from_rpc_error(exc) from None
-        c.session_id = resp.session_id
-        c._mm = w.map_arena(resp.arena.path, resp.arena.size)
-        c._arena = memoryview(c._mm)
-        c._watch_task = asyncio.create_task(c._drain_watch())
+        await c._open()
         return c
 
-    async def _drain_watch(self) -> None:
-        call = self._stub.Watch(pb.WatchRequest(session_id=self.session_id))
+    # ------------------------------------------------------------------ connection
+    async def _open(self) -> None:
+        """Connects and opens a session; the client's state changes only on success."""
+        ch = grpc.aio.insecure_channel(self.target, options=w.CHANNEL_OPTIONS)
+        mm: mmap.mmap | None = None
+        try:
+            try:
+                await asyncio.wait_for(ch.channel_ready(), self.timeout)
+            except TimeoutError:
+                raise DaemonUnavailable(w.unavailable_msg(self.target)) from None
+            stub = pb_grpc.KVStoreStub(ch)
+            try:
+                resp = await stub.OpenSession(
+                    pb.OpenSessionRequest(client_name=self.name, client_pid=os.getpid()),
+                    timeout=self.timeout,
+                )
+                sid = resp.session_id
+                mm = w.map_arena(resp.arena.path, resp.arena.size)
+                for ns in self._namespaces.values():  # a restarted daemon knows none
+                    await stub.RegisterNamespace(w.register_req(sid, ns), timeout=self.timeout)
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc) from None
+        except BaseException:
+            if mm is not None:
+                mm.close()
+            await asyncio.shield(ch.close())
+            raise
+        self._channel, self._stub, self.session_id = ch, stub, sid
+        self._mm, self._arena = mm, memoryview(mm)
+        self._watch_task = asyncio.create_task(self._drain_watch(stub, sid))
+
+    @staticmethod
+    async def _drain_watch(stub: Any, sid: int) -> None:
+        # Holding this stream open is what tells the daemon we are alive.
+        call = stub.Watch(pb.WatchRequest(session_id=sid))
         with contextlib.suppress(grpc.RpcError, asyncio.CancelledError):
             async for _ in call:
                 pass
 
+    async def _teardown(self) -> None:
+        task, self._watch_task = self._watch_task, None
+        ch, self._channel = self._channel, None
+        try:
+            if task is not None:
+                task.cancel()
+                await asyncio.wait({task})
+        finally:  # even if close() cancels the reconnect doing this
+            if ch is not None:
+                await asyncio.shield(ch.close())
+            if self._mm is not None:
+                self._arena.release()
+                with contextlib.suppress(BufferError):  # caller still holds views
+                    self._mm.close()  # else the mapping goes with the last of them
+                self._mm = None
+
+    async def reconnect(self) -> None:
+        """Drops the connection and opens a new session (e.g. after a daemon restart).
+
+        The pins of the old session end with it (the daemon releases them).  Views
+        handed out before stay readable, on the old arena's mapping (which lives as
+        long as they do), but are no longer the daemon's blocks: acquire them again.
+        If a reconnect is under way already, waits for that one instead.
+
+        Raises:
+            DaemonUnavailable: no daemon answers within ``timeout`` (the client is then
+                closed until a later ``reconnect()`` succeeds).
+        """
+        self._closed = False
+        await self._join(self._reconnecting or self._start_reconnect())
+
+    def _start_reconnect(self) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._reopen())
+        self._reconnecting = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            if self._reconnecting is t:
+                self._reconnecting = None
+            if not t.cancelled():
+                t.exception()  # retrieved: the waiters, if any, raise it
+
+        task.add_done_callback(done)
+        return task
+
+    async def _reopen(self) -> None:
+        await self._teardown()
+        self._ended_pins += self._pins
+        self._pins = Counter()
+        await self._open()
+
+    @staticmethod
+    async def _join(task: asyncio.Task[None]) -> None:
+        await asyncio.wait({task})  # a cancelled waiter leaves the reconnect running
+        if task.cancelled():
+            raise DaemonUnavailable("client is closed")
+        if (exc := task.exception()) is not None:
+            raise exc
+
+    async def _settled(self) -> None:
+        """Waits for a reconnect under way (its outcome is for whoever started it)."""
+        if self._reconnecting is not None:
+            await asyncio.wait({self._reconnecting})
+
+    async def _recover(self, sid: int) -> None:
+        """After a call in session ``sid`` found the session lost: reconnects, unless
+        another coroutine is doing so (then waits for it) or has done so already."""
+        if self._closed:
+            raise DaemonUnavailable("client is closed")
+        if self._reconnecting is not None:
+            await self._join(self._reconnecting)
+        elif self._channel is None:
+            raise DaemonUnavailable("client is closed")  # a reconnect since failed
+        elif sid == self.session_id:
+            await self._join(self._start_reconnect())
+        # else: another coroutine reconnected since this call was sent
+
+    async def _send(self, method: str, build: Callable[[int], Any]) -> tuple[int, Any]:
+        """One call in the current session; returns ``(session id, response)``."""
+        ch, stub, sid = self._channel, self._stub, self.session_id
+        try:
+            return sid, await getattr(stub, method)(build(sid), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise _Failed(sid, exc) from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if ch is self._channel or (task is not None and task.cancelling()):
+                raise  # the caller was cancelled
+            raise _Failed(sid, _CutOff()) from None
+
     async def close(self) -> None:
+        """Ends the session: the daemon releases its pins and aborts its allocations."""
+        self._closed = True
+        if (task := self._reconnecting) is not None:
+            task.cancel()
+            await asyncio.wait({task})
         if self._channel is None:
             return
         with contextlib.suppress(grpc.RpcError):
             await self._stub.CloseSession(
                 pb.CloseSessionRequest(session_id=self.session_id), timeout=self.timeout
             )
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch_task
-        await self._channel.close()
-        self._channel = None
-        if self._mm is not None:
-            self._arena.release()
-            with contextlib.suppress(BufferError):  # caller still holds views
-                self._mm.close()
-            self._mm = None
+        await self._teardown()
 
     # ------------------------------------------------------------------ model weights
     # The same verbs as Client's (loader.aio: the same exchange as loader.client).
-    def _models_channel(self) -> grpc.aio.Channel:
+    async def _models_channel(self) -> grpc.aio.Channel:
+        await self._settled()
         if self._channel is None:
             raise DaemonUnavailable("client is closed")
         return self._channel
@@ -136,31 +289,31 @@ class AsyncClient:
         """Tensors of model ``name`` (views on shared memory; pinned for this session)."""
         from loader import aio
 
-        ch = self._models_channel()
+        ch = await self._models_channel()
         return await aio.load_model(ch, name, device, session_id=self.session_id, pin=pin)
 
     async def swap(self, old: str, new: str, device: str = "cpu") -> dict[str, Any]:
         """Makes ``new`` resident and pinned, unpins ``old``; returns ``new``'s tensors."""
         from loader import aio
 
-        ch = self._models_channel()
+        ch = await self._models_channel()
         return await aio.swap_models(ch, old, new, device, session_id=self.session_id)
 
     async def prefetch_model(self, name: str) -> str:
         from loader import aio
 
-        return await aio.prefetch_model(self._models_channel(), name)
+        return await aio.prefetch_model(await self._models_channel(), name)
 
     async def release_model(self, name: str, evict: bool = False) -> int:
         from loader import aio
 
-        ch = self._models_channel()
+        ch = await self._models_channel()
         return await aio.release_model(ch, name, session_id=self.session_id, evict=evict)
 
     async def models(self) -> list[dict[str, Any]]:
         from loader import aio
 
-        return await aio.list_models(self._models_channel())
+        return await aio.list_models(await self._models_channel())
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -169,18 +322,63 @@ class AsyncClient:
         await self.close()
 
     async def _rpc(self, method: str, build: Callable[[int], Any]) -> Any:
-        if self._channel is None:
-            raise DaemonUnavailable("client is closed")
+        return (await self._rpc_in(method, build))[1]
+
+    async def _rpc_in(self, method: str, build: Callable[[int], Any]) -> tuple[int, Any]:
+        """The call, retried once in a new session if it finds its own lost; returns
+        ``(the session that answered, response)``."""
+        for attempt in (0, 1):
+            await self._settled()
+            if self._channel is None:
+                raise DaemonUnavailable("client is closed")
+            try:
+                return await self._send(method, build)
+            except _Failed as f:
+                exc = f.exc
+                if attempt == 0 and self.auto_reconnect and w.is_session_lost(exc):
+                    log.warning("kvstore session lost (%s); reconnecting", exc.code())
+                    try:
+                        await self._recover(f.sid)
+                    except DaemonUnavailable:
+                        raise from_rpc_error(exc) from None
+                    continue
+                raise from_rpc_error(exc) from None
+        raise AssertionError("unreachable")
+
+    async def _release_lease(self, sid: int, keys: Sequence[bytes]) -> None:
+        """Releases a lease's pins in session ``sid``, the one that took them.
+
+        A no-op when that session no longer exists: the daemon released its pins
+        when it ended (client closed, or the daemon restarted and the client has
+        reconnected since).  Other errors raise as for :meth:`release`.
+        """
+        await self._settled()
+        if self._channel is None or sid != self.session_id:
+            return
         try:
-            return await getattr(self._stub, method)(build(self.session_id), timeout=self.timeout)
-        except grpc.RpcError as exc:
+            await self._send("Release", lambda s: pb.ReleaseRequest(session_id=s, keys=keys))
+        except _Failed as f:
+            exc = f.exc
+            if w.is_unknown_session(exc):
+                return  # unknown session: it ended with its pins
+            if self.auto_reconnect and w.is_session_lost(exc):
+                # The daemon went away (and the session with it) or restarted: reconnect
+                # as any call would; the new session never held these pins.
+                log.warning("kvstore session lost (%s); reconnecting", exc.code())
+                try:
+                    await self._recover(f.sid)
+                except DaemonUnavailable:
+                    raise from_rpc_error(exc) from None
+                return
             raise from_rpc_error(exc) from None
 
     # ------------------------------------------------------------------ verbs
     async def register_namespace(self, ns: Namespace) -> bytes:
+        """Registers ``ns`` with the daemon; returns its id (``ns.digest()``)."""
         resp = await self._rpc("RegisterNamespace", lambda sid: w.register_req(sid, ns))
-        self._registered.add(bytes(resp.namespace_id))
-        return bytes(resp.namespace_id)
+        ns_id = bytes(resp.namespace_id)
+        self._namespaces[ns_id] = ns  # registered again in every new session
+        return ns_id
 
     async def lookup(self, keys: Sequence[bytes]) -> LookupResult:
         resp = await self._rpc("Lookup", lambda sid: w.lookup_req(sid, keys))
@@ -194,7 +392,7 @@ class AsyncClient:
         first_depth: int = 0,
     ) -> list[Allocation]:
         ns_id = ns.digest()
-        if ns_id not in self._registered:
+        if ns_id not in self._namespaces:
             await self.register_namespace(ns)
         resp = await self._rpc(
             "Allocate",
@@ -216,11 +414,46 @@ class AsyncClient:
         return int(resp.aborted)
 
     async def acquire(self, keys: Sequence[bytes]) -> list[memoryview | None]:
-        resp = await self._rpc("Acquire", lambda sid: pb.AcquireRequest(session_id=sid, keys=keys))
-        return w.acquired_views(resp, self._arena)
+        """Pins blocks (promoting them to DRAM) and returns views, ``None`` = miss.
+
+        Give the pins back with :meth:`release`; they also end with the session.
+        """
+        _, views = await self._acquire(keys)
+        self._pins.update(k for k, v in zip(keys, views, strict=True) if v is not None)
+        return views
+
+    async def _acquire(self, keys: Sequence[bytes]) -> tuple[int, list[memoryview | None]]:
+        """The session that holds the pins, and the views (``None`` = miss)."""
+        sid, resp = await self._rpc_in(
+            "Acquire", lambda sid: pb.AcquireRequest(session_id=sid, keys=keys)
+        )
+        return sid, w.acquired_views(resp, self._arena)
 
     async def release(self, keys: Sequence[bytes]) -> None:
-        await self._rpc("Release", lambda sid: pb.ReleaseRequest(session_id=sid, keys=keys))
+        """Gives back pins taken by :meth:`acquire` (one per key listed).
+
+        As :meth:`Client.release`: pins taken in a session that has ended since (the
+        daemon restarted, the session expired) are skipped, and a release that finds
+        the session gone is a no-op (the client reconnects, as any call would).
+
+        Raises:
+            FailedPrecondition: a key this client's session does not hold (nothing
+                is released then).
+            DaemonUnavailable: no daemon answers.
+        """
+        await self._settled()  # a reconnect under way ends the current pins
+        taken, send = w.split_release(self._pins, self._ended_pins, keys)
+        if send is None:
+            return
+        if self._channel is None:
+            self._pins += taken
+            raise DaemonUnavailable("client is closed")
+        try:
+            # In this session only: if it ended meanwhile, so did its pins.
+            await self._release_lease(self.session_id, send)
+        except BaseException:
+            self._pins += taken  # nothing was released
+            raise
 
     async def prefetch(self, keys: Sequence[bytes]) -> int:
         """Promotes blocks to DRAM ahead of need; returns how many moved."""
@@ -273,10 +506,12 @@ class AsyncClient:
         n = (await self.lookup(keys)).num_cached if keys else 0
         if n == 0:
             return AsyncBlockLease(self, [], [], ns.block_tokens)
-        views = await self.acquire(keys[:n])
+        sid, views = await self._acquire(keys[:n])
         m = next((i for i, v in enumerate(views) if v is None), len(views))
+        # A block in the middle vanished (evicted between lookup and acquire): only the
+        # prefix before it is usable, so give back the pins taken after it.
         tail = [k for k, v in zip(keys[m:n], views[m:], strict=True) if v is not None]
         if tail:
-            await self.release(tail)
+            await self._release_lease(sid, tail)
         held = [v for v in views[:m] if v is not None]
-        return AsyncBlockLease(self, list(keys[:m]), held, ns.block_tokens)
+        return AsyncBlockLease(self, list(keys[:m]), held, ns.block_tokens, sid)
