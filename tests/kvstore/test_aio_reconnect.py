@@ -1,0 +1,211 @@
+"""AsyncClient across a daemon restart: the sync Client's behaviour, under asyncio.
+
+A call that finds the daemon gone or its session unknown reconnects once (one
+reconnect for all the coroutines that find it so) and is retried; pins and leases of
+the ended session release as no-ops; errors the caller causes still raise.  Each test
+restarts a real daemon on the same socket (the sync versions: test_client_connect,
+test_lease_restart, test_release_restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kvstore import AsyncClient
+from kvstore.errors import DaemonUnavailable, FailedPrecondition
+from tests.kvstore.conftest import DaemonProc
+from tests.kvstore.helpers import NS, blocks_for
+
+TOKS = np.arange(32)
+KEYS = NS.block_keys(TOKS)
+
+
+def _count_opens(c: AsyncClient) -> list[int]:
+    """Counts the sessions ``c`` opens from now on (each reconnect opens one)."""
+    opens: list[int] = []
+    real: Callable[[], Awaitable[None]] = c._open
+
+    async def counted() -> None:
+        opens.append(1)
+        await real()
+
+    c._open = counted  # type: ignore[method-assign]
+    return opens
+
+
+async def _pins(c: AsyncClient) -> int:
+    return int((await c.stats())["sessions"]["pins"])
+
+
+def test_call_after_a_restart_runs_in_a_new_session(daemon: DaemonProc) -> None:
+    async def go() -> None:
+        async with await AsyncClient.connect(daemon.socket, timeout=10.0) as c:
+            await c.store_tokens(NS, TOKS, blocks_for(NS, TOKS))
+            old = c.session_id
+            daemon.kill()
+            daemon.start()
+            # Finds the session unknown (or the daemon gone), reconnects, retries.
+            assert (await c.lookup(KEYS)).num_cached == 0  # a new, empty daemon
+            assert c.session_id != old
+            assert (await c.stats())["sessions"]["open"] == 1
+
+    asyncio.run(go())
+
+
+def test_reconnect_waits_for_the_restarted_daemons_socket(daemon: DaemonProc) -> None:
+    async def go() -> None:
+        async with await AsyncClient.connect(daemon.socket, timeout=20.0) as c:
+            await c.stats()
+            assert daemon.stop() == 0
+            assert not os.path.exists(daemon.socket)  # a clean stop removes it
+            restart = asyncio.create_task(asyncio.to_thread(daemon.start))
+            await asyncio.sleep(0)
+            assert not os.path.exists(daemon.socket)
+            # The call finds the daemon gone and reconnects, waiting for the socket.
+            assert (await c.stats())["sessions"]["open"] == 1
+            await restart
+
+    asyncio.run(go())
+
+
+def test_store_restart_lookup_and_the_old_lease(daemon: DaemonProc) -> None:
+    async def go() -> None:
+        async with await AsyncClient.connect(daemon.socket, timeout=10.0) as c:
+            assert (await c.store_tokens(NS, TOKS, blocks_for(NS, TOKS))).new == 2
+            lease = await c.load_tokens(NS, TOKS)
+            assert len(lease.keys) == 2
+            old = c.session_id
+            daemon.kill()
+            daemon.start()
+            await lease.close()  # the daemon released those pins when the session ended
+            await lease.close()
+            # A DRAM-only daemon starts empty: the blocks are misses in the new session.
+            assert await c.lookup_tokens(NS, TOKS) == 0
+            assert c.session_id != old
+            # The namespace was registered again in the new session: storing works.
+            assert (await c.store_tokens(NS, TOKS, blocks_for(NS, TOKS))).new == 2
+            async with await c.load_tokens(NS, TOKS) as again:
+                assert len(again.keys) == 2
+                assert bytes(again.arrays[0]) == bytes(blocks_for(NS, TOKS)[0])
+            st = (await c.stats())["sessions"]
+            assert st["open"] == 1 and st["pins"] == 0
+
+    asyncio.run(go())
+
+
+def test_release_right_after_a_restart_is_a_no_op(daemon: DaemonProc) -> None:
+    async def go() -> None:
+        async with await AsyncClient.connect(daemon.socket, timeout=10.0) as c:
+            await c.store_tokens(NS, TOKS, blocks_for(NS, TOKS))
+            assert all(v is not None for v in await c.acquire(KEYS))
+            old = c.session_id
+            daemon.kill()
+            daemon.start()
+            await c.release(KEYS)  # finds its session gone: releases nothing
+            assert (await c.lookup(KEYS)).num_cached == 0  # reconnected by now
+            assert c.session_id != old
+            assert await _pins(c) == 0
+            with pytest.raises(FailedPrecondition, match="not acquired by this session"):
+                await c.release(KEYS)  # a second release: a caller bug, as before
+
+    asyncio.run(go())
+
+
+def test_release_after_another_call_reconnected_is_a_no_op(daemon: DaemonProc) -> None:
+    async def go() -> None:
+        async with await AsyncClient.connect(daemon.socket, timeout=10.0) as c:
+            await c.store_tokens(NS, TOKS, blocks_for(NS, TOKS))
+            await c.acquire(KEYS)
+            daemon.kill()
+            daemon.start()
+            assert (await c.store_tokens(NS, TOKS, blocks_for(NS, TOKS))).new == 2
+            assert (await c.acquire(KEYS[:1]))[0] is not None  # pinned in the new session
+            await c.release(KEYS)  # key 0: the new pin; key 1: ended with the old session
+            assert await _pins(c) == 0
+            await c.release(KEYS[:1])  # key 0's old pin: ended too
+            with pytest.raises(FailedPrecondition, match="not acquired by this session"):
+                await c.release(KEYS[:1])
+
+    asyncio.run(go())
+
+
+def test_errors_the_caller_causes_still_raise(daemon: DaemonProc) -> None:
+    async def go() -> None:
+        async with await AsyncClient.connect(daemon.socket, timeout=10.0) as c:
+            daemon.kill()
+            daemon.start()
+            await c.store_tokens(NS, TOKS, blocks_for(NS, TOKS))  # reconnects
+            sid = c.session_id
+            lease = await c.load_tokens(NS, TOKS)
+            await c.release(lease.keys)  # released behind the lease's back: a caller bug
+            with pytest.raises(FailedPrecondition, match="not acquired by this session"):
+                await lease.close()
+            with pytest.raises(FailedPrecondition, match="not acquired by this session"):
+                await c.release(KEYS[:1])
+            await c.acquire(KEYS[:1])
+            with pytest.raises(FailedPrecondition):
+                await c.release([KEYS[0], KEYS[0]])  # one too many: nothing released
+            assert await _pins(c) == 1
+            await c.release(KEYS[:1])  # the failed release left its pin counted
+            assert await _pins(c) == 0
+            assert c.session_id == sid  # none of these reconnected
+
+    asyncio.run(go())
+
+
+def test_concurrent_calls_after_a_restart_reconnect_once(daemon: DaemonProc) -> None:
+    async def go() -> None:
+        async with await AsyncClient.connect(daemon.socket, timeout=10.0) as c:
+            await c.store_tokens(NS, TOKS, blocks_for(NS, TOKS))
+            opens = _count_opens(c)
+            daemon.kill()
+            daemon.start()
+            # Session-bound calls (stats is not: a new daemon answers it in any session).
+            calls: list[Awaitable[Any]] = [c.lookup(KEYS) for _ in range(3)]
+            calls += [c.acquire(KEYS), c.store_tokens(NS, TOKS, blocks_for(NS, TOKS))]
+            out = await asyncio.gather(*calls)
+            assert len(opens) == 1
+            assert out[3] == [None, None] and out[4].new == 2
+            assert (await c.stats())["sessions"]["open"] == 1
+
+    asyncio.run(go())
+
+
+def test_calls_in_flight_during_a_reconnect_are_retried(daemon: DaemonProc) -> None:
+    async def go() -> None:
+        async with await AsyncClient.connect(daemon.socket, timeout=10.0) as c:
+            opens = _count_opens(c)
+            old = c.session_id
+            # The stats calls are on the wire when reconnect() closes their channel.
+            out = await asyncio.gather(c.stats(), c.stats(), c.reconnect(), c.stats())
+            assert len(opens) == 1 and c.session_id != old
+            assert all(st["sessions"]["open"] >= 1 for st in (out[0], out[1], out[3]))
+            assert (await c.lookup(KEYS)).num_cached == 0  # the new session works
+
+    asyncio.run(go())
+
+
+def test_a_failed_reconnect_is_shared_and_bounded(daemon: DaemonProc) -> None:
+    async def go() -> None:
+        c = await AsyncClient.connect(daemon.socket, timeout=1.0)
+        opens = _count_opens(c)
+        daemon.stop()
+        t0 = time.monotonic()
+        out = await asyncio.gather(*(c.stats() for _ in range(3)), return_exceptions=True)
+        assert all(isinstance(e, DaemonUnavailable) for e in out), out
+        assert len(opens) == 1 and time.monotonic() - t0 < 2.5  # one wait, not three
+        with pytest.raises(DaemonUnavailable, match="client is closed"):
+            await c.stats()  # as Client: closed until reconnect() succeeds
+        daemon.start()
+        await c.reconnect()
+        assert (await c.stats())["sessions"]["open"] == 1
+        await c.close()
+
+    asyncio.run(go())
