@@ -414,13 +414,15 @@ class AsyncClient:
         return int(resp.aborted)
 
     async def acquire(self, keys: Sequence[bytes]) -> list[memoryview | None]:
-        """Pins blocks (promoting them to DRAM) and returns views, ``None`` = miss.
+        """Pins blocks (promoting them to DRAM) and returns read-only views, ``None`` = miss.
 
         Give the pins back with :meth:`release`; they also end with the session.
         """
         _, views = await self._acquire(keys)
         self._pins.update(k for k, v in zip(keys, views, strict=True) if v is not None)
-        return views
+        # Read-only, as the sync client's: committed blocks are immutable, and a write
+        # through a view would change bytes other readers were promised.
+        return [None if v is None else v.toreadonly() for v in views]
 
     async def _acquire(self, keys: Sequence[bytes]) -> tuple[int, list[memoryview | None]]:
         """The session that holds the pins, and the views (``None`` = miss)."""

@@ -266,7 +266,7 @@ class Client:
         try:
             self._stub.Release(pb.ReleaseRequest(session_id=sid, keys=keys), timeout=self.timeout)
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND and w.is_session_lost(exc):
+            if w.is_unknown_session(exc):
                 return  # unknown session: it ended with its pins
             if self.auto_reconnect and w.is_session_lost(exc):
                 # The daemon went away (and the session with it) or restarted: reconnect
@@ -356,19 +356,15 @@ class Client:
                 is released then).
             DaemonUnavailable: no daemon answers.
         """
-        keys = list(keys)
-        taken = Counter(k for k in keys if _take(self._pins, k))
-        if self._ended_pins:  # a pin of this session first, else one that ended
-            left = taken.copy()
-            keys = [k for k in keys if _take(left, k) or not _take(self._ended_pins, k)]
-            if not keys:
-                return
+        taken, send = w.split_release(self._pins, self._ended_pins, keys)
+        if send is None:  # every key was a pin of a session that ended
+            return
         if self._channel is None:
             self._pins += taken
             raise DaemonUnavailable("client is closed")
         try:
             # In this session only: if it ended meanwhile, so did its pins.
-            self._release_lease(self.session_id, keys)
+            self._release_lease(self.session_id, send)
         except BaseException:
             self._pins += taken  # nothing was released
             raise
@@ -456,15 +452,3 @@ class Client:
             self._release_lease(self.session_id, tail)
         held = [v for v in views[:m] if v is not None]
         return BlockLease(self, keys[:m], held, ns.block_tokens)
-
-
-def _take(pins: Counter[bytes], key: bytes) -> bool:
-    """Removes one pin of ``key`` from ``pins``; whether there was one."""
-    n = pins.get(key, 0)
-    if n <= 0:
-        return False
-    if n == 1:
-        del pins[key]
-    else:
-        pins[key] = n - 1
-    return True

@@ -157,5 +157,12 @@ def test_async_client_round_trip(daemon: DaemonProc) -> None:
                 for k, a in zip(lease.keys, lease.arrays, strict=True):
                     assert np.array_equal(a, content(k, NS.block_nbytes))
             assert (await c.stats())["sessions"]["pins"] == 0
+            keys = NS.block_keys(tokens)
+            views = await c.acquire(keys)  # read-only, as the sync client's
+            for v in views:
+                assert v is not None and v.readonly
+                with pytest.raises(TypeError):
+                    v[0] = 1
+            await c.release(keys)
 
     asyncio.run(go())
