@@ -13,6 +13,7 @@ import pytest
 
 from kvstore import Client
 from kvstore.errors import KVStoreError
+from tests.conftest import mounted_tmpfs
 from tests.kvstore.conftest import SMALL, DaemonProc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,14 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def full_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "full"
-    mnt.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {r.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "full", "2m") as mnt:
         with open(mnt / "filler", "wb") as f:
             try:
                 while True:
@@ -36,8 +30,6 @@ def full_tmpfs(tmp_path: Path) -> Iterator[Path]:
             except OSError:
                 pass
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _child(code: str, *args: str) -> subprocess.CompletedProcess[str]:

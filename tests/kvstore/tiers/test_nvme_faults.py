@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from kvstore.hierarchy import Hierarchy, Level, Status
 from kvstore.tiers.base import ChecksumMismatch, TierIOError
 from kvstore.tiers.nvme import NvmeTier
 from kvstore.tiers.nvme_segments import SlotState
+from tests.conftest import mounted_tmpfs
 
 from .memtier import MemTier
 from .nvme_util import NS, data_for, entry, key_of, open_tier, put, read
@@ -270,18 +272,9 @@ def test_injected_read_and_sync_errors(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def tiny_tmpfs(tmp_path: Path) -> Any:
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True, text=True
-    )
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
+def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    with mounted_tmpfs(tmp_path / "mnt", "3m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_real_disk_full_on_tiny_tmpfs(tiny_tmpfs: Path) -> None:

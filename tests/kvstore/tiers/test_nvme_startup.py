@@ -13,6 +13,7 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import pytest
 from kvstore.tiers.nvme import NvmeDirError
 from kvstore.tiers.nvme_index import Index, NvmeIndexError
 from kvstore.tiers.nvme_index_check import IndexDamaged, check_index
+from tests.conftest import mounted_tmpfs
 
 from .nvme_util import entry, key_of, open_tier, put, read
 
@@ -201,18 +203,9 @@ def test_injected_disk_full_at_start_degrades_instead_of_failing(
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Any:
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True, text=True
-    )
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {r.stderr.strip()}")
-    try:
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    with mounted_tmpfs(tmp_path / "mnt", "8m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_real_disk_full_at_start_on_tmpfs(small_tmpfs: Path, caplog: Any) -> None:
