@@ -52,7 +52,12 @@ def test_every_way_a_session_ends_drops_its_state(tmp_path: Path) -> None:
                 # Lease expiry: sessions opened and forgotten (no Watch, no CloseSession).
                 for _ in range(N):
                     await stub.OpenSession(pb.OpenSessionRequest(client_name="leak"))
-                assert _state(d) == (N, N)
+                # A slow machine may already have reclaimed the first few (0.2 s lease):
+                # every session is either live, with its one server-side entry, or gone.
+                closed, live = _state(d)
+                assert closed == live
+                assert live + d.sessions.reclaimed_total == N
+                assert live > 0
                 assert await _until(lambda: d.sessions.reclaimed_total == N)
                 assert _state(d) == (0, 0)
 
