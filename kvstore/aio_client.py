@@ -20,8 +20,8 @@ import logging
 import mmap
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -33,6 +33,7 @@ from kvstore._wire import Allocation, LookupResult, StoreResult
 from kvstore.errors import DaemonUnavailable, from_rpc_error
 from kvstore.keys import Namespace
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
@@ -278,42 +279,77 @@ class AsyncClient:
         await self._teardown()
 
     # ------------------------------------------------------------------ model weights
-    # The same verbs as Client's (loader.aio: the same exchange as loader.client).
-    async def _models_channel(self) -> grpc.aio.Channel:
-        await self._settled()
-        if self._channel is None:
-            raise DaemonUnavailable("client is closed")
-        return self._channel
+    # The same verbs as Client's (loader.aio: the same exchange as loader.client), and
+    # the same recovery: a call that finds its session lost reconnects once and retries.
+    async def _models(self, call: Callable[[grpc.aio.Channel, int], Awaitable[T]]) -> T:
+        from loader.errors import ModelError, ModelUnavailableError
+
+        for attempt in (0, 1):
+            await self._settled()
+            ch, sid = self._channel, self.session_id
+            if ch is None:
+                raise DaemonUnavailable("client is closed")
+            try:
+                return await call(ch, sid)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if ch is self._channel or (task is not None and task.cancelling()):
+                    raise  # the caller was cancelled
+                # Another coroutine's reconnect closed the channel under this call.
+                err: ModelError = ModelUnavailableError(_CutOff().details())
+                err.session_lost = True
+            except ModelError as exc:
+                err = exc
+            if not (attempt == 0 and self.auto_reconnect and err.session_lost):
+                raise err
+            log.warning("kvstore session lost (%s); reconnecting", err.code)
+            try:
+                await self._recover(sid)
+            except DaemonUnavailable:
+                raise err from None
+        raise AssertionError("unreachable")
 
     async def load_model(self, name: str, device: str = "cpu", pin: bool = True) -> dict[str, Any]:
         """Tensors of model ``name`` (views on shared memory; pinned for this session)."""
         from loader import aio
 
-        ch = await self._models_channel()
-        return await aio.load_model(ch, name, device, session_id=self.session_id, pin=pin)
+        return await self._models(
+            lambda ch, sid: aio.load_model(ch, name, device, session_id=sid, pin=pin)
+        )
 
     async def swap(self, old: str, new: str, device: str = "cpu") -> dict[str, Any]:
-        """Makes ``new`` resident and pinned, unpins ``old``; returns ``new``'s tensors."""
+        """Makes ``new`` resident and pinned, unpins ``old``; returns ``new``'s tensors.
+
+        After a reconnect (the daemon restarted) the session holds no pin on ``old``
+        any more, and ``new`` is simply loaded and pinned."""
         from loader import aio
 
-        ch = await self._models_channel()
-        return await aio.swap_models(ch, old, new, device, session_id=self.session_id)
+        await self._settled()
+        first = self.session_id
+
+        async def call(ch: grpc.aio.Channel, sid: int) -> dict[str, Any]:
+            if sid != first:
+                return await aio.load_model(ch, new, device, session_id=sid)
+            return await aio.swap_models(ch, old, new, device, session_id=sid)
+
+        return await self._models(call)
 
     async def prefetch_model(self, name: str) -> str:
         from loader import aio
 
-        return await aio.prefetch_model(await self._models_channel(), name)
+        return await self._models(lambda ch, sid: aio.prefetch_model(ch, name))
 
     async def release_model(self, name: str, evict: bool = False) -> int:
         from loader import aio
 
-        ch = await self._models_channel()
-        return await aio.release_model(ch, name, session_id=self.session_id, evict=evict)
+        return await self._models(
+            lambda ch, sid: aio.release_model(ch, name, session_id=sid, evict=evict)
+        )
 
     async def models(self) -> list[dict[str, Any]]:
         from loader import aio
 
-        return await aio.list_models(await self._models_channel())
+        return await self._models(lambda ch, sid: aio.list_models(ch))
 
     async def __aenter__(self) -> AsyncClient:
         return self

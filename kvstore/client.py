@@ -22,7 +22,7 @@ import os
 import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -34,6 +34,7 @@ from kvstore._wire import Allocation, LookupResult, StoreResult
 from kvstore.errors import DaemonUnavailable, from_rpc_error
 from kvstore.keys import Namespace
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 __all__ = ["Allocation", "BlockLease", "Client", "LookupResult", "StoreResult"]
@@ -187,37 +188,63 @@ class Client:
         self._connect()
 
     # ------------------------------------------------------------------ model weights
+    # Errors are ``loader.errors.ModelError``s; like the KV verbs, a call that finds its
+    # session lost (the daemon restarted) reconnects once and runs in the new session.
+    def _models(self, call: Callable[[grpc.Channel, int], T]) -> T:
+        from loader.errors import ModelError
+
+        for attempt in (0, 1):
+            if self._channel is None:
+                raise DaemonUnavailable("client is closed")
+            try:
+                return call(self._channel, self.session_id)
+            except ModelError as exc:
+                if attempt == 0 and self.auto_reconnect and exc.session_lost:
+                    log.warning("kvstore session lost (%s); reconnecting", exc.code)
+                    try:
+                        self.reconnect()
+                    except DaemonUnavailable:
+                        raise exc from None
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
     def load_model(self, name: str, device: str = "cpu", pin: bool = True) -> dict[str, Any]:
         """Tensors of model ``name`` (views on shared memory; pinned for this session)."""
         from loader.client import load_model
 
-        assert self._channel is not None
-        return load_model(self._channel, name, device, session_id=self.session_id, pin=pin)
+        return self._models(lambda ch, sid: load_model(ch, name, device, session_id=sid, pin=pin))
 
     def swap(self, old: str, new: str, device: str = "cpu") -> dict[str, Any]:
-        """Makes ``new`` resident and pinned, unpins ``old``; returns ``new``'s tensors."""
-        from loader.client import swap_models
+        """Makes ``new`` resident and pinned, unpins ``old``; returns ``new``'s tensors.
 
-        assert self._channel is not None
-        return swap_models(self._channel, old, new, device, session_id=self.session_id)
+        After a reconnect (the daemon restarted) the session holds no pin on ``old``
+        any more, and ``new`` is simply loaded and pinned."""
+        from loader.client import load_model, swap_models
+
+        first = self.session_id
+
+        def call(ch: grpc.Channel, sid: int) -> dict[str, Any]:
+            if sid != first:
+                return load_model(ch, new, device, session_id=sid)
+            return swap_models(ch, old, new, device, session_id=sid)
+
+        return self._models(call)
 
     def prefetch_model(self, name: str) -> str:
         from loader.client import prefetch_model
 
-        assert self._channel is not None
-        return prefetch_model(self._channel, name)
+        return self._models(lambda ch, sid: prefetch_model(ch, name))
 
     def release_model(self, name: str, evict: bool = False) -> int:
         from loader.client import release_model
 
-        assert self._channel is not None
-        return release_model(self._channel, name, session_id=self.session_id, evict=evict)
+        return self._models(lambda ch, sid: release_model(ch, name, session_id=sid, evict=evict))
 
     def models(self) -> list[dict[str, Any]]:
         from loader.client import list_models
 
-        assert self._channel is not None
-        return list_models(self._channel)
+        return self._models(lambda ch, sid: list_models(ch))
 
     def close(self) -> None:
         """Ends the session: the daemon releases its pins and aborts its allocations."""

@@ -179,7 +179,10 @@ class Daemon:
         from loader.config import ModelsConfig
 
         models_service.register(
-            server, Path(self.cfg.data_dir).expanduser(), self.cfg.models or ModelsConfig()
+            server,
+            Path(self.cfg.data_dir),  # ~ expanded there, as `kvstore models` does
+            self.cfg.models or ModelsConfig(),
+            session_open=lambda sid: self.sessions.get(sid) is not None,
         )
         self.extra_closers.append(models_service.close)
         self.sessions.on_close.append(models_service.release_session)

@@ -23,6 +23,7 @@ import torch
 
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
+from kvstore._wire import is_session_lost
 from loader.errors import (
     ModelBudgetError,
     ModelChecksumError,
@@ -31,6 +32,7 @@ from loader.errors import (
     ModelFormatError,
     ModelNotFoundError,
     ModelStoreError,
+    ModelUnavailableError,
 )
 from loader.safetensors_format import DTYPES
 
@@ -43,6 +45,8 @@ _ERRORS: dict[grpc.StatusCode, type[ModelError]] = {
     grpc.StatusCode.DATA_LOSS: ModelChecksumError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ModelBudgetError,
     grpc.StatusCode.FAILED_PRECONDITION: ModelStoreError,
+    grpc.StatusCode.UNAVAILABLE: ModelUnavailableError,
+    grpc.StatusCode.CANCELLED: ModelUnavailableError,  # the daemon stopped mid-call
 }
 
 
@@ -62,7 +66,8 @@ def model_error(exc: grpc.RpcError) -> ModelError:
     detail = exc.details() if hasattr(exc, "details") else str(exc)
     err = cls(detail or str(code))
     if code is not None:
-        err.code = code  # the status as received (e.g. UNAVAILABLE for a ModelError)
+        err.code = code  # the status as received (e.g. CANCELLED)
+    err.session_lost = is_session_lost(exc)
     return err
 
 

@@ -7,7 +7,8 @@ Every one is a :class:`kvstore.errors.KVStoreError` (``except KVStoreError`` cat
 model errors too, as it does every other client error), and those with a matching
 kvstore class derive from it as well: ``ModelNotFoundError`` is a ``NotFound``,
 ``ModelBudgetError`` a ``ResourceExhausted``, ``ModelFormatError`` an
-``InvalidArgument``, ``ModelStoreError`` a ``FailedPrecondition``.
+``InvalidArgument``, ``ModelStoreError`` a ``FailedPrecondition``,
+``ModelUnavailableError`` a ``DaemonUnavailable``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import grpc
 
 from kvstore.errors import (
+    DaemonUnavailable,
     FailedPrecondition,
     InvalidArgument,
     KVStoreError,
@@ -27,6 +29,9 @@ class ModelError(KVStoreError):
     """Base class of every model-store error; ``code`` is its gRPC status."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    # Set on errors from the daemon: the call's session is gone (the daemon went away
+    # or restarted, or the session ended); a client reconnects and retries on it.
+    session_lost: bool = False
 
 
 class ModelFormatError(ModelError, InvalidArgument):
@@ -63,3 +68,9 @@ class ModelStoreError(ModelError, FailedPrecondition):
     """I/O or index failure in the store (disk full, unreadable data file...)."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ModelUnavailableError(ModelError, DaemonUnavailable):
+    """The daemon did not answer a Models call (not running, or it went away)."""
+
+    code = grpc.StatusCode.UNAVAILABLE

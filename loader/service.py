@@ -40,8 +40,18 @@ class ModelsServicer(pb_grpc.ModelsServicer):
     loop keeps serving other calls (KV traffic included) while a model loads.
     """
 
-    def __init__(self, data_dir: Path, options: ModelsConfig) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        options: ModelsConfig,
+        session_open: Callable[[int], bool] | None = None,
+    ) -> None:
         self.store = ModelStore(data_dir)
+        # In the daemon: whether a session id is open.  A pin taken for a session that
+        # is not (closed, expired, or from before a daemon restart) would never be
+        # released, so such calls fail as the KV verbs do.  None (the Models-only
+        # daemon): no sessions, any id is taken as given.  Session 0 is anonymous.
+        self.session_open = session_open
         self.manager = ResidencyManager(self.store, options)
         self._tensor_cache: dict[str, list[pb.ModelTensor]] = {}
         # Our own threads: a call waiting for a multi-second load must not take one
@@ -54,6 +64,22 @@ class ModelsServicer(pb_grpc.ModelsServicer):
         except ModelError as exc:
             await context.abort(exc.code, str(exc))
             raise AssertionError("unreachable") from exc  # abort raises
+
+    async def _in_session(
+        self, context: grpc.aio.ServicerContext, sid: int, fn: Callable[[], T]
+    ) -> T:
+        """Runs ``fn`` (which may pin for session ``sid``) if that session is open, and
+        drops what it pinned if the session ended while it ran (its pins went then)."""
+        known = self.session_open
+        if known is None or sid == 0:
+            return await self._run(context, fn)
+        if not known(sid):
+            await context.abort(grpc.StatusCode.NOT_FOUND, _unknown_session(sid))
+        out = await self._run(context, fn)
+        if not known(sid):
+            self.manager.release_session(sid)
+            await context.abort(grpc.StatusCode.NOT_FOUND, _unknown_session(sid))
+        return out
 
     def _response(self, r: Resident, was_resident: bool) -> pb.LoadModelResponse:
         m = r.manifest
@@ -96,7 +122,9 @@ class ModelsServicer(pb_grpc.ModelsServicer):
     async def LoadModel(
         self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.LoadModelResponse:
-        return await self._run(context, lambda: self._acquire(request))
+        if request.no_pin:
+            return await self._run(context, lambda: self._acquire(request))
+        return await self._in_session(context, request.session_id, lambda: self._acquire(request))
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -132,7 +160,7 @@ class ModelsServicer(pb_grpc.ModelsServicer):
                 model=self._response(r, before is r), released_pins=released
             )
 
-        return await self._run(context, run)
+        return await self._in_session(context, request.session_id, run)
 
     async def PrefetchModel(
         self, request: pb.PrefetchModelRequest, context: grpc.aio.ServicerContext
@@ -148,12 +176,20 @@ class ModelsServicer(pb_grpc.ModelsServicer):
             evicted = self.manager.evict(request.name) if request.evict else False
             return pb.ReleaseModelResponse(released_pins=n, evicted=evicted)
 
-        return await self._run(context, run)
+        return await self._in_session(context, request.session_id, run)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self.manager.close()
         self.store.close()
+
+
+def _unknown_session(sid: int) -> str:
+    # Worded as the KV service's, so clients treat it alike (reconnect and retry).
+    return (
+        f"unknown session {sid}: it was closed, expired or never opened "
+        "(the daemon may have restarted); open a new session"
+    )
 
 
 _servicer: ModelsServicer | None = None
@@ -174,8 +210,16 @@ class UnavailableModels(pb_grpc.ModelsServicer):
     LoadModel = ListModels = SwapModels = PrefetchModel = ReleaseModel = _fail
 
 
-def register(server: grpc.aio.Server, data_dir: Path, options: ModelsConfig) -> None:
+def register(
+    server: grpc.aio.Server,
+    data_dir: Path,
+    options: ModelsConfig,
+    session_open: Callable[[int], bool] | None = None,
+) -> None:
     """Adds the Models service to ``server`` (call once, before ``server.start()``).
+
+    ``session_open`` says whether a session id is open (the daemon's sessions): pins
+    are only taken for open sessions.  Without it any session id is accepted.
 
     When the model store cannot be opened (``ModelStoreError``: no room for its index,
     an unreadable folder), the service answers every call with that reason instead,
@@ -184,7 +228,7 @@ def register(server: grpc.aio.Server, data_dir: Path, options: ModelsConfig) -> 
     if _servicer is not None:
         raise RuntimeError("the Models service is already registered in this process")
     try:
-        _servicer = ModelsServicer(user_path(data_dir), options.validate())
+        _servicer = ModelsServicer(user_path(data_dir), options.validate(), session_open)
     except ModelStoreError as exc:
         log.warning("model weights unavailable: %s", exc)
         pb_grpc.add_ModelsServicer_to_server(UnavailableModels(str(exc)), server)

@@ -1,21 +1,25 @@
 """The Models service through the real ``kvstore serve`` daemon.
 
-Skips (saying why) while the daemon does not yet register the service; once the lead
-wires ``loader.service.register`` and the ``[models]`` table, it checks load and the
-session contract: closing a kvstore ``Client`` drops the model pins of its session.
+The session contract: a model pin belongs to an open session (closing the kvstore
+``Client`` drops it; a pin for a session that is not open is refused, so none can
+outlive its session), and the clients' model verbs recover from a daemon restart as
+their KV verbs do.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
 
-from kvstore._proto import kvstore_pb2 as pb
-from kvstore._proto import kvstore_pb2_grpc as pb_grpc
+from kvstore import AsyncClient, Client
+from kvstore.errors import DaemonUnavailable, KVStoreError
 from loader import client as mclient
+from loader.errors import ModelUnavailableError
 from loader.store import ModelStore
 from tests.kvstore.conftest import DaemonProc
 from tests.loader.conftest import small_model, write_model
@@ -35,45 +39,132 @@ dram_budget = "16MiB"
 prefault = false
 """
 
+Models = dict[str, dict[str, torch.Tensor]]
 
-def test_models_through_the_daemon(tmp_path: Path) -> None:
-    from kvstore.client import Client
-    from kvstore.errors import KVStoreError
 
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[tuple[DaemonProc, Models]]:
     d = tmp_path / "d"
     d.mkdir()
-    ref = small_model(4)
+    refs = {"a": small_model(4), "b": small_model(5)}
     with ModelStore(d / "data") as st:
-        st.add("m", write_model(tmp_path / "m.safetensors", ref))
-    proc = DaemonProc(d, CONFIG)
+        for name, ref in refs.items():
+            st.add(name, write_model(tmp_path / f"{name}.safetensors", ref))
+    proc = DaemonProc(d, CONFIG).start()
     try:
-        proc.start()
-    except RuntimeError as exc:
-        proc.stop()  # closes its log file
-        if "models" in str(exc):
-            pytest.skip("the daemon does not accept the [models] table yet (wiring pending)")
-        raise
-    try:
-        with grpc.insecure_channel(f"unix:{proc.socket}") as ch:
-            try:
-                pb_grpc.ModelsStub(ch).ListModels(pb.ListModelsRequest(), timeout=5)
-            except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                    pytest.skip("the daemon does not register the Models service yet")
-                raise
-            c = Client(proc.socket, name="loader-test")
-            got = mclient.load_model(ch, "m", session_id=c.session_id)
-            for k, v in ref.items():
-                assert torch.equal(got[k], v), k
-            # The daemon's Client raises model errors as KVStoreErrors (as the README
-            # says of every client error), and a swap from a model it does not hold
-            # fails without pinning the new one.
-            with pytest.raises(KVStoreError, match="'nope'"):
-                c.load_model("nope")
-            with pytest.raises(KVStoreError, match="'nope'"):
-                c.swap("nope", "m")
-            assert mclient.list_models(ch)[0]["pins"] == 1
-            c.close()
-            assert mclient.list_models(ch)[0]["pins"] == 0  # the session's pins went with it
+        yield proc, refs
     finally:
-        assert proc.stop() == 0, proc.log()
+        if proc.alive():
+            assert proc.stop() == 0, proc.log()
+
+
+def _pins(socket: str) -> dict[str, int]:
+    return {m["name"]: m["pins"] for m in mclient.list_models(socket)}
+
+
+def _same(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == ref.keys()
+    for k, v in ref.items():
+        assert torch.equal(got[k], v), k
+
+
+def test_models_through_the_daemon(daemon: tuple[DaemonProc, Models]) -> None:
+    proc, refs = daemon
+    with grpc.insecure_channel(f"unix:{proc.socket}") as ch:
+        c = Client(proc.socket, name="loader-test")
+        _same(mclient.load_model(ch, "a", session_id=c.session_id), refs["a"])
+        # The daemon's Client raises model errors as KVStoreErrors (as the README
+        # says of every client error), and a swap from a model it does not hold
+        # fails without pinning the new one.
+        with pytest.raises(KVStoreError, match="'nope'"):
+            c.load_model("nope")
+        with pytest.raises(KVStoreError, match="'nope'"):
+            c.swap("nope", "a")
+        assert mclient.list_models(ch)[0]["pins"] == 1
+        c.close()
+        assert mclient.list_models(ch)[0]["pins"] == 0  # the session's pins went with it
+
+
+def test_a_pin_needs_an_open_session(daemon: tuple[DaemonProc, Models]) -> None:
+    """A pin taken for a session that ended would never be released: refused."""
+    proc, refs = daemon
+    with Client(proc.socket) as c:
+        gone = c.session_id
+    with Client(proc.socket) as c:
+        for call in (
+            lambda: mclient.load_model(proc.socket, "a", session_id=gone),
+            lambda: mclient.swap_models(proc.socket, "", "a", session_id=gone),
+            lambda: mclient.load_model(proc.socket, "a", session_id=c.session_id + 1000),
+        ):
+            with pytest.raises(KVStoreError, match="unknown session") as err:
+                call()
+            assert err.value.session_lost
+        assert _pins(proc.socket) == {"a": 0, "b": 0}
+        # Unpinned loads need no session; anonymous pins (session 0) are the caller's.
+        _same(mclient.load_model(proc.socket, "a", session_id=gone, pin=False), refs["a"])
+        _same(mclient.load_model(proc.socket, "b"), refs["b"])
+        assert _pins(proc.socket) == {"a": 0, "b": 1}
+        assert mclient.release_model(proc.socket, "b") == 1
+        # The open session's own calls still work.
+        _same(c.load_model("a"), refs["a"])
+        assert _pins(proc.socket) == {"a": 1, "b": 0}
+    assert _pins(proc.socket) == {"a": 0, "b": 0}
+
+
+def test_client_model_verbs_across_a_daemon_restart(daemon: tuple[DaemonProc, Models]) -> None:
+    proc, refs = daemon
+    with Client(proc.socket, timeout=20.0) as c:
+        _same(c.load_model("a"), refs["a"])
+        old = c.session_id
+        proc.stop()
+        proc.start()
+        # The old session and its pin ended with the daemon: the call reconnects and
+        # pins in the new session; a swap from "a" (no longer held) loads "b".
+        _same(c.swap("a", "b"), refs["b"])
+        assert c.session_id != old
+        assert _pins(proc.socket) == {"a": 0, "b": 1}
+        _same(c.load_model("a"), refs["a"])
+        assert c.release_model("a") == 1
+        assert [m["name"] for m in c.models()] == ["a", "b"]
+    assert _pins(proc.socket) == {"a": 0, "b": 0}
+
+
+def test_client_model_verbs_with_the_daemon_gone(daemon: tuple[DaemonProc, Models]) -> None:
+    proc, _ = daemon
+    c = Client(proc.socket, timeout=1.0)
+    proc.stop()
+    with pytest.raises(DaemonUnavailable) as err:
+        c.load_model("a")
+    assert isinstance(err.value, ModelUnavailableError)
+    with pytest.raises(DaemonUnavailable, match="client is closed"):
+        c.models()  # as the KV verbs: closed until reconnect() succeeds
+    c.close()
+
+
+def test_async_model_verbs_across_a_daemon_restart(daemon: tuple[DaemonProc, Models]) -> None:
+    proc, refs = daemon
+
+    async def go() -> None:
+        c = await AsyncClient.connect(proc.socket, timeout=20.0)
+        try:
+            _same(await c.load_model("a"), refs["a"])
+            old = c.session_id
+            await asyncio.to_thread(proc.stop)
+            await asyncio.to_thread(proc.start)
+            # Two calls at once find the session lost: one reconnect serves both.
+            got = await asyncio.gather(c.swap("a", "b"), c.load_model("a"))
+            _same(got[0], refs["b"])
+            _same(got[1], refs["a"])
+            assert c.session_id != old
+            assert _pins(proc.socket) == {"a": 1, "b": 1}
+        finally:
+            await c.close()
+        assert _pins(proc.socket) == {"a": 0, "b": 0}
+
+        c = await AsyncClient.connect(proc.socket, timeout=1.0)
+        await asyncio.to_thread(proc.stop)
+        with pytest.raises(ModelUnavailableError):
+            await c.models()
+        await c.close()
+
+    asyncio.run(go())
