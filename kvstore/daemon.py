@@ -122,7 +122,8 @@ class Daemon:
             )
         self.sessions = SessionManager(self.h, cfg.server.lease_timeout_s)
         self.promoter = Promoter(self.h)  # Acquire/Prefetch reads from disk, off the loop
-        self.namespaces: dict[bytes, Namespace] = {}
+        # Registered by open sessions; dropped with the last of them (SessionManager).
+        self.namespaces: dict[bytes, Namespace] = self.sessions.namespaces
         self.started = time.time()
         self.server: grpc.aio.Server | None = None
         self._servicer: KVStoreServicer | None = None

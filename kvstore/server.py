@@ -177,7 +177,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         return await _guard(context, self._register, request)
 
     def _register(self, request: pb.RegisterNamespaceRequest) -> Any:
-        self._session(request.session_id)
+        s = self._session(request.session_id)
         sp = request.spec
         try:
             ns = Namespace(
@@ -196,8 +196,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             self.d.dram.check_block_size(ns.block_nbytes)
         except (KeyInputError, ValueError) as exc:
             _fail(grpc.StatusCode.INVALID_ARGUMENT, f"invalid namespace: {exc}")
-        ns_id = ns.digest()
-        self.d.namespaces[ns_id] = ns
+        ns_id = self.d.sessions.register_namespace(s, ns)  # dropped when its sessions end
         return pb.RegisterNamespaceResponse(namespace_id=ns_id, block_nbytes=ns.block_nbytes)
 
     # ------------------------------------------------------------------ lookups

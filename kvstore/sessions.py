@@ -3,7 +3,9 @@
 When a session ends (``CloseSession``, its ``Watch`` stream breaks because the
 client closed or died, or it was idle past the lease timeout) the daemon releases
 its pins and aborts its allocations, so nothing stays pinned forever and readers
-never see a half-written block.
+never see a half-written block.  A namespace stays registered while a session that
+registered it is open (the clients register theirs again in every new session), so
+sessions that come and go with new models or tenant salts leave nothing behind.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvstore.hierarchy import Hierarchy
+from kvstore.keys import Namespace
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,7 @@ class Session:
     last_seen: float
     pins: Counter[bytes] = field(default_factory=Counter)
     allocs: set[bytes] = field(default_factory=set)
+    namespaces: set[bytes] = field(default_factory=set)  # ids this session registered
     watchers: int = 0
 
 
@@ -43,6 +47,10 @@ class SessionManager:
         # Ids start at random: a client that has not noticed a restart yet must never
         # reach another client's session (and its pins) with its old id.
         self._ids = itertools.count(secrets.randbelow(1 << 47) + 1)
+        # The namespaces registered by open sessions, and how many of those registered
+        # each: one goes when the last session that registered it ends.
+        self.namespaces: dict[bytes, Namespace] = {}
+        self._ns_users: Counter[bytes] = Counter()
         self.opened_total = 0
         self.reclaimed_total = 0
         # callables(session_id), run however a session ends: they drop what the server
@@ -62,6 +70,23 @@ class SessionManager:
             s.last_seen = time.monotonic()
         return s
 
+    def register_namespace(self, s: Session, ns: Namespace) -> bytes:
+        """Registers ``ns`` for session ``s`` (again is a no-op); returns its id."""
+        ns_id = ns.digest()
+        if ns_id not in s.namespaces:
+            s.namespaces.add(ns_id)
+            self._ns_users[ns_id] += 1
+            self.namespaces[ns_id] = ns
+        return ns_id
+
+    def _drop_namespaces(self, s: Session) -> None:
+        for ns_id in s.namespaces:
+            self._ns_users[ns_id] -= 1
+            if self._ns_users[ns_id] <= 0:
+                del self._ns_users[ns_id]
+                del self.namespaces[ns_id]
+        s.namespaces.clear()
+
     def close(self, sid: int, reason: str = "closed") -> tuple[int, int]:
         """Ends a session: releases its pins, aborts its allocations.
 
@@ -79,6 +104,7 @@ class SessionManager:
                 e.pins -= n
                 released += n
         aborted = self.h.abort(sid, s.allocs)
+        self._drop_namespaces(s)
         for hook in self.on_close:
             try:
                 hook(sid)
