@@ -40,6 +40,11 @@ _POLICY_BLOCK_HINT = 2 << 20  # typical block size, only to size policy queues
 _ABORT_MARGIN_S = 1.0  # after the grace period: time for calls to end with UNAVAILABLE
 
 
+# With server.tcp: pings on every connection, and how long an answer may take.
+KEEPALIVE_MS = 60_000
+KEEPALIVE_TIMEOUT_MS = 20_000
+
+
 class DaemonError(RuntimeError):
     """The daemon cannot start (socket in use, unusable data directory ...)."""
 
@@ -169,10 +174,23 @@ class Daemon:
         from kvstore.server import KVStoreServicer
 
         scfg = self.cfg.server
-        opts = [
+        opts: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", scfg.max_message_bytes),
             ("grpc.max_send_message_length", scfg.max_message_bytes),
         ]
+        if scfg.tcp:
+            # A client whose host vanished sends no FIN: its connection, and the
+            # session its Watch stream holds open (with its pins), would stay for good.
+            # Ping every connection; one silent past the timeout is closed.  Only with
+            # TCP: a local client that dies closes its socket, and a local one that is
+            # merely stopped (a debugger) keeps its session.
+            opts += [
+                ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+                ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+                ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),  # what grpc 1.8x enforces
+                # Keep pinging a silent stream (default: 2 pings without data, then none).
+                ("grpc.http2.max_pings_without_data", 0),
+            ]
         server = grpc.aio.server(options=opts)
         self._servicer = KVStoreServicer(self)
         pb_grpc.add_KVStoreServicer_to_server(self._servicer, server)

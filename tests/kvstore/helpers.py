@@ -41,11 +41,12 @@ def run_client(code: str, timeout: float = 60.0, **kw: object) -> subprocess.Com
     )
 
 
-def popen_client(code: str) -> subprocess.Popen[str]:
+def popen_client(code: str, stdin: bool = False) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code)],
         env=env,
+        stdin=subprocess.PIPE if stdin else None,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
