@@ -60,6 +60,10 @@ def test_every_way_a_session_ends_drops_its_state(tmp_path: Path) -> None:
                 assert live > 0
                 assert await _until(lambda: d.sessions.reclaimed_total == N)
                 assert _state(d) == (0, 0)
+                # The rest is not about the lease: a long one keeps a slow machine from
+                # reclaiming the sessions below before they are checked, and makes sure
+                # it is the CloseSession and the Watch's end that drop them.
+                d.sessions.lease_timeout_s = 60.0
 
                 # CloseSession, and a Watch that ends when its client goes.
                 a = await stub.OpenSession(pb.OpenSessionRequest())

@@ -26,7 +26,7 @@ def test_ctrl_c_with_idle_clients_is_quick_and_clean(make_daemon: type[DaemonPro
         # Debug is the daemon's own: grpc and asyncio stay at warning (one line per poll).
         assert "logger=kvstore" in log
         assert "logger=grpc" not in log and "logger=asyncio" not in log, log
-        c._watch_thread.join(2.0)  # the Watch stream ended: the client can tell
+        c._watch_thread.join(10.0)  # the Watch stream ended: the client can tell
         assert not c._watch_thread.is_alive()
     finally:
         c.close()

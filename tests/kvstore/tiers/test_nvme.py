@@ -105,7 +105,13 @@ def test_backpressure_bounds_staging(tmp_path: Path) -> None:
 
         th = threading.Thread(target=third)
         th.start()
-        assert not done.wait(0.3)  # waits for a staging slot, does not grow memory
+        # The third write waits for a staging slot (counted when it starts to), and
+        # goes on waiting: it does not grow memory.  However late its thread runs.
+        deadline = time.monotonic() + 10
+        while t.stats()["staging_waits"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert t.stats()["staging_waits"] >= 1
+        assert not done.wait(0.3)
         assert t.stats()["staging_in_use_bytes"] == 128 * KB
         gate.open()
         assert done.wait(5)
