@@ -1,7 +1,8 @@
-"""Deterministic block contents and client subprocesses for daemon tests."""
+"""Deterministic block contents, client subprocesses and in-process daemons for tests."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvstore.config import Config, ServerConfig, TierConfig
 from kvstore.keys import Namespace
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,3 +53,24 @@ def popen_client(code: str, stdin: bool = False) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def small_config(tmp_path: Path, lease_s: float = 60.0, tcp: str = "") -> Config:
+    """A daemon config with a 4 MiB DRAM tier, its socket and data under ``tmp_path``
+    (for :class:`kvstore.daemon.Daemon` run in the test's own event loop)."""
+    return Config(
+        server=ServerConfig(socket=str(tmp_path / "kv.sock"), tcp=tcp, lease_timeout_s=lease_s),
+        tiers=[TierConfig("dram", "dram", 4 << 20, options={"slab_bytes": "1MiB"})],
+        data_dir=str(tmp_path / "data"),
+    ).validate()
+
+
+async def until(pred: object, timeout: float = 10.0) -> bool:
+    """Polls ``pred()`` on the running event loop until true (True) or ``timeout`` (False)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        if pred():  # type: ignore[operator]
+            return True
+        await asyncio.sleep(0.05)
+    return False

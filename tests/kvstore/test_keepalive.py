@@ -20,9 +20,8 @@ import pytest
 from kvstore import daemon as daemon_mod
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
-from kvstore.config import Config, ServerConfig, TierConfig
 from kvstore.daemon import Daemon
-from tests.kvstore.helpers import popen_client
+from tests.kvstore.helpers import popen_client, small_config
 
 
 def _free_port() -> int:
@@ -73,14 +72,6 @@ class FreezingProxy:
             w.transport.abort()
 
 
-def _config(tmp_path: Path, tcp: str = "") -> Config:
-    return Config(
-        server=ServerConfig(socket=str(tmp_path / "kv.sock"), tcp=tcp, lease_timeout_s=60),
-        tiers=[TierConfig("dram", "dram", 4 << 20, options={"slab_bytes": "1MiB"})],
-        data_dir=str(tmp_path / "data"),
-    ).validate()
-
-
 @pytest.fixture
 def fast_pings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(daemon_mod, "KEEPALIVE_MS", 500)
@@ -89,7 +80,7 @@ def fast_pings(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_a_silent_tcp_client_loses_its_session(tmp_path: Path, fast_pings: None) -> None:
     port = _free_port()
-    cfg = _config(tmp_path, tcp=f"127.0.0.1:{port}")
+    cfg = small_config(tmp_path, tcp=f"127.0.0.1:{port}")
 
     async def main() -> None:
         d = Daemon(cfg)
@@ -120,7 +111,7 @@ def test_a_silent_tcp_client_loses_its_session(tmp_path: Path, fast_pings: None)
 
 
 def test_a_stopped_local_client_keeps_its_session(tmp_path: Path, fast_pings: None) -> None:
-    cfg = _config(tmp_path)
+    cfg = small_config(tmp_path)
 
     async def main() -> None:
         d = Daemon(cfg)

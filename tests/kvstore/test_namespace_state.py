@@ -16,9 +16,9 @@ import pytest
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
 from kvstore._wire import register_req
-from kvstore.config import Config, ServerConfig, TierConfig
 from kvstore.daemon import Daemon
 from kvstore.keys import Namespace
+from tests.kvstore.helpers import small_config, until
 
 N = 100
 
@@ -29,27 +29,9 @@ def _ns(model: str, salt: bytes = b"") -> Namespace:
     )
 
 
-def _config(tmp_path: Path) -> Config:
-    return Config(
-        server=ServerConfig(socket=str(tmp_path / "kv.sock"), lease_timeout_s=0.3),
-        tiers=[TierConfig("dram", "dram", 4 << 20, options={"slab_bytes": "1MiB"})],
-        data_dir=str(tmp_path / "data"),
-    ).validate()
-
-
-async def _until(pred: object, timeout: float = 10.0) -> bool:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        if pred():  # type: ignore[operator]
-            return True
-        await asyncio.sleep(0.05)
-    return False
-
-
 def test_namespaces_go_with_the_sessions_that_registered_them(tmp_path: Path) -> None:
     async def main() -> None:
-        d = Daemon(_config(tmp_path))
+        d = Daemon(small_config(tmp_path))
         await d.start()
         try:
             async with grpc.aio.insecure_channel(f"unix:{tmp_path / 'kv.sock'}") as ch:
@@ -65,15 +47,20 @@ def test_namespaces_go_with_the_sessions_that_registered_them(tmp_path: Path) ->
                 for sid in closed:
                     await stub.CloseSession(pb.CloseSessionRequest(session_id=sid))
                 assert len(d.namespaces) == 0
-                for i in range(N):  # abandoned: no Watch, reclaimed by lease expiry
+                # Abandoned (no Watch): reclaimed by lease expiry, made short only once
+                # they are all registered (a slow machine must not reclaim one midway).
+                for i in range(N):
                     await session(_ns(f"e{i}", salt=i.to_bytes(4, "little")))
                 watched = await session(_ns("watched"))
                 watch = stub.Watch(pb.WatchRequest(session_id=watched))
                 await watch.read()
                 watch.cancel()  # the client went away
-                assert await _until(lambda: not d.sessions.sessions)
+                assert len(d.namespaces) >= N  # the abandoned ones: not expired yet
+                d.sessions.lease_timeout_s = 0.3
+                assert await until(lambda: not d.sessions.sessions)
                 assert d.namespaces == {} and not d.sessions._ns_users
                 assert d.stats()["namespaces"] == 0
+                d.sessions.lease_timeout_s = 60.0
 
                 # Shared by two sessions (registered twice by one): kept until both end.
                 ns = _ns("shared")

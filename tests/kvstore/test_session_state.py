@@ -13,18 +13,10 @@ import grpc
 
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
-from kvstore.config import Config, ServerConfig, TierConfig
 from kvstore.daemon import Daemon
+from tests.kvstore.helpers import small_config, until
 
 N = 200
-
-
-def _config(tmp_path: Path, lease_s: float = 0.2) -> Config:
-    return Config(
-        server=ServerConfig(socket=str(tmp_path / "kv.sock"), lease_timeout_s=lease_s),
-        tiers=[TierConfig("dram", "dram", 4 << 20, options={"slab_bytes": "1MiB"})],
-        data_dir=str(tmp_path / "data"),
-    ).validate()
 
 
 def _state(d: Daemon) -> tuple[int, int]:
@@ -32,19 +24,9 @@ def _state(d: Daemon) -> tuple[int, int]:
     return len(d._servicer._closed), len(d.sessions.sessions)
 
 
-async def _until(pred: object, timeout: float = 10.0) -> bool:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        if pred():  # type: ignore[operator]
-            return True
-        await asyncio.sleep(0.05)
-    return False
-
-
 def test_every_way_a_session_ends_drops_its_state(tmp_path: Path) -> None:
     async def main() -> None:
-        d = Daemon(_config(tmp_path))
+        d = Daemon(small_config(tmp_path, lease_s=0.2))
         await d.start()
         try:
             async with grpc.aio.insecure_channel(f"unix:{tmp_path / 'kv.sock'}") as ch:
@@ -58,7 +40,7 @@ def test_every_way_a_session_ends_drops_its_state(tmp_path: Path) -> None:
                 assert closed == live
                 assert live + d.sessions.reclaimed_total == N
                 assert live > 0
-                assert await _until(lambda: d.sessions.reclaimed_total == N)
+                assert await until(lambda: d.sessions.reclaimed_total == N)
                 assert _state(d) == (0, 0)
                 # The rest is not about the lease: a long one keeps a slow machine from
                 # reclaiming the sessions below before they are checked, and makes sure
@@ -72,7 +54,7 @@ def test_every_way_a_session_ends_drops_its_state(tmp_path: Path) -> None:
                 watch = stub.Watch(pb.WatchRequest(session_id=b.session_id))
                 await watch.read()
                 watch.cancel()
-                assert await _until(lambda: _state(d) == (0, 0))
+                assert await until(lambda: _state(d) == (0, 0))
 
                 # Daemon stop: sessions still open, one with a Watch.
                 c = await stub.OpenSession(pb.OpenSessionRequest())
@@ -89,7 +71,7 @@ def test_every_way_a_session_ends_drops_its_state(tmp_path: Path) -> None:
 
 def test_a_failing_close_hook_does_not_skip_the_others(tmp_path: Path) -> None:
     async def main() -> None:
-        d = Daemon(_config(tmp_path, lease_s=60))
+        d = Daemon(small_config(tmp_path))
         await d.start()
         try:
             seen: list[int] = []
