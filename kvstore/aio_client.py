@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import mmap
 import os
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -105,11 +104,10 @@ class AsyncClient:
         self.timeout = timeout
         self.auto_reconnect = reconnect
         self._channel: grpc.aio.Channel | None = None
-        self._mm: mmap.mmap | None = None
+        self._arena: w.ArenaMap | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._namespaces: dict[bytes, Namespace] = {}
         self._stub: Any = None
-        self._arena = memoryview(b"")
         self.session_id = 0
         # Pins taken by acquire(), in the current session and in sessions that ended.
         self._pins: Counter[bytes] = Counter()
@@ -140,7 +138,7 @@ class AsyncClient:
     async def _open(self) -> None:
         """Connects and opens a session; the client's state changes only on success."""
         ch = grpc.aio.insecure_channel(self.target, options=w.CHANNEL_OPTIONS)
-        mm: mmap.mmap | None = None
+        mm: w.ArenaMap | None = None
         try:
             try:
                 await asyncio.wait_for(ch.channel_ready(), self.timeout)
@@ -164,7 +162,7 @@ class AsyncClient:
             await asyncio.shield(ch.close())
             raise
         self._channel, self._stub, self.session_id = ch, stub, sid
-        self._mm, self._arena = mm, memoryview(mm)
+        self._arena = mm
         self._watch_task = asyncio.create_task(self._drain_watch(stub, sid))
 
     @staticmethod
@@ -185,11 +183,14 @@ class AsyncClient:
         finally:  # even if close() cancels the reconnect doing this
             if ch is not None:
                 await asyncio.shield(ch.close())
-            if self._mm is not None:
-                self._arena.release()
-                with contextlib.suppress(BufferError):  # caller still holds views
-                    self._mm.close()  # else the mapping goes with the last of them
-                self._mm = None
+            if self._arena is not None:
+                self._arena.close()  # views handed out keep the mapping alive
+                self._arena = None
+
+    def _mapped(self) -> w.ArenaMap:
+        if self._arena is None:
+            raise DaemonUnavailable("client is closed")
+        return self._arena
 
     async def reconnect(self) -> None:
         """Drops the connection and opens a new session (e.g. after a daemon restart).
@@ -434,7 +435,7 @@ class AsyncClient:
             "Allocate",
             lambda sid: w.allocate_req(sid, ns_id, ns.block_nbytes, parent, keys, first_depth),
         )
-        return w.allocations(keys, resp, self._arena)
+        return w.allocations(keys, resp, self._mapped())
 
     async def commit(
         self, keys: Sequence[bytes], checksums: Sequence[int] | None = None
@@ -465,7 +466,7 @@ class AsyncClient:
         sid, resp = await self._rpc_in(
             "Acquire", lambda sid: pb.AcquireRequest(session_id=sid, keys=keys)
         )
-        return sid, w.acquired_views(resp, self._arena)
+        return sid, w.acquired_views(resp, self._mapped())
 
     async def release(self, keys: Sequence[bytes]) -> None:
         """Gives back pins taken by :meth:`acquire` (one per key listed).

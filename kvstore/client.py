@@ -17,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import threading
 from collections import Counter
@@ -112,7 +111,7 @@ class Client:
         self.auto_reconnect = reconnect
         self._namespaces: dict[bytes, Namespace] = {}
         self._channel: grpc.Channel | None = None
-        self._mm: mmap.mmap | None = None
+        self._arena: w.ArenaMap | None = None
         self._watch: Any = None
         # Pins taken by acquire() (the low-level call): in the current session, and in
         # sessions that ended (the daemon dropped those; release() of them is a no-op).
@@ -143,8 +142,7 @@ class Client:
             ch.close()
             raise from_rpc_error(exc) from None
         self.session_id = resp.session_id
-        self._mm = w.map_arena(resp.arena.path, resp.arena.size)
-        self._arena = memoryview(self._mm)
+        self._arena = w.map_arena(resp.arena.path, resp.arena.size)
         self._watch = self._stub.Watch(pb.WatchRequest(session_id=self.session_id))
         self._watch_thread = threading.Thread(
             target=self._drain_watch, args=(self._watch,), daemon=True, name="kvstore-watch"
@@ -169,13 +167,14 @@ class Client:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
-        if self._mm is not None:
-            self._arena.release()
-            try:
-                self._mm.close()
-            except BufferError:
-                pass  # caller still holds views; the mapping goes with them
-            self._mm = None
+        if self._arena is not None:
+            self._arena.close()
+            self._arena = None
+
+    def _mapped(self) -> w.ArenaMap:
+        if self._arena is None:
+            raise DaemonUnavailable("client is closed")
+        return self._arena
 
     def reconnect(self) -> None:
         """Drops the connection and opens a new session (e.g. after a daemon restart).
@@ -342,7 +341,7 @@ class Client:
             "Allocate",
             lambda sid: w.allocate_req(sid, ns_id, ns.block_nbytes, parent, keys, first_depth),
         )
-        return w.allocations(keys, resp, self._arena)
+        return w.allocations(keys, resp, self._mapped())
 
     def commit(self, keys: Sequence[bytes], checksums: Sequence[int] | None = None) -> list[str]:
         """Makes written slots visible.  ``checksums``: xxh3-64 per block, or ``None``."""
@@ -367,7 +366,7 @@ class Client:
 
     def _acquire(self, keys: Sequence[bytes]) -> list[memoryview | None]:
         resp = self._rpc("Acquire", lambda sid: pb.AcquireRequest(session_id=sid, keys=keys))
-        return w.acquired_views(resp, self._arena)
+        return w.acquired_views(resp, self._mapped())
 
     def release(self, keys: Sequence[bytes]) -> None:
         """Gives back pins taken by :meth:`acquire` (one per key listed).
