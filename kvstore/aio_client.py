@@ -431,11 +431,15 @@ class AsyncClient:
         ns_id = ns.digest()
         if ns_id not in self._namespaces:
             await self.register_namespace(ns)
-        resp = await self._rpc(
-            "Allocate",
-            lambda sid: w.allocate_req(sid, ns_id, ns.block_nbytes, parent, keys, first_depth),
-        )
-        return w.allocations(keys, resp, self._mapped())
+        for _ in (0, 1):
+            sid, resp = await self._rpc_in(
+                "Allocate",
+                lambda sid: w.allocate_req(sid, ns_id, ns.block_nbytes, parent, keys, first_depth),
+            )
+            if sid == self.session_id:
+                return w.allocations(keys, resp, self._mapped())
+            # As in _acquire: the slots were the old session's (aborted with it).
+        raise DaemonUnavailable("the session was replaced twice during one Allocate")
 
     async def commit(
         self, keys: Sequence[bytes], checksums: Sequence[int] | None = None
@@ -463,10 +467,16 @@ class AsyncClient:
 
     async def _acquire(self, keys: Sequence[bytes]) -> tuple[int, list[memoryview | None]]:
         """The session that holds the pins, and the views (``None`` = miss)."""
-        sid, resp = await self._rpc_in(
-            "Acquire", lambda sid: pb.AcquireRequest(session_id=sid, keys=keys)
-        )
-        return sid, w.acquired_views(resp, self._mapped())
+        for _ in (0, 1):
+            sid, resp = await self._rpc_in(
+                "Acquire", lambda sid: pb.AcquireRequest(session_id=sid, keys=keys)
+            )
+            if sid == self.session_id:
+                return sid, w.acquired_views(resp, self._mapped())
+            # Another coroutine's reconnect replaced the session while this answer was
+            # on its way: those pins ended with the old session, whose arena the slot
+            # offsets are in.  Views on them could change under the caller: ask again.
+        raise DaemonUnavailable("the session was replaced twice during one Acquire")
 
     async def release(self, keys: Sequence[bytes]) -> None:
         """Gives back pins taken by :meth:`acquire` (one per key listed).

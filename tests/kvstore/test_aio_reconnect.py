@@ -213,3 +213,54 @@ def test_a_failed_reconnect_is_shared_and_bounded(daemon: DaemonProc) -> None:
         await c.close()
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("verb", ["Acquire", "Allocate"])
+def test_an_answer_from_a_replaced_session_is_not_used(daemon: DaemonProc, verb: str) -> None:
+    """A reconnect (another coroutine's) lands between an Acquire/Allocate answer and
+    its caller: the answer's pins or slots ended with the old session, so the call is
+    made again in the new one instead of handing out views nothing holds."""
+
+    async def go() -> None:
+        async with await AsyncClient.connect(daemon.socket, timeout=10.0) as c:
+            if verb == "Acquire":
+                await c.store_tokens(NS, TOKS, blocks_for(NS, TOKS))
+            else:
+                await c.register_namespace(NS)
+            real = c._send
+            sent: list[int] = []
+
+            async def racing(method: str, build: Callable[[int], Any]) -> tuple[int, Any]:
+                out = await real(method, build)
+                if method == verb:
+                    sent.append(out[0])
+                    if len(sent) == 1:
+                        await c.reconnect()  # as if another coroutine's ran meanwhile
+                return out
+
+            c._send = racing  # type: ignore[method-assign]
+            if verb == "Acquire":
+                views = await c.acquire(KEYS)
+                for v, want in zip(views, blocks_for(NS, TOKS), strict=True):
+                    assert v is not None and np.array_equal(np.frombuffer(v, np.uint8), want)
+            else:
+                allocs = await c.allocate(NS, KEYS)
+                assert [a.status for a in allocs] == ["NEW"] * len(KEYS)
+            assert len(sent) == 2 and sent[1] == c.session_id != sent[0]
+
+            # What the caller holds is the current session's: the old one is gone
+            # with what it took, and the new one holds one pin or slot per key.
+            async def settled() -> bool:
+                st = (await c.stats())["sessions"]
+                held = st["pins"] if verb == "Acquire" else st["pending_allocations"]
+                return bool(st["open"] == 1 and held == len(KEYS))
+
+            deadline = time.monotonic() + 10
+            while not await settled():
+                assert time.monotonic() < deadline, (await c.stats())["sessions"]
+                await asyncio.sleep(0.05)
+            if verb == "Acquire":
+                await c.release(KEYS)
+                assert await _pins(c) == 0
+
+    asyncio.run(go())
