@@ -7,6 +7,7 @@ from kvstore.errors import (
     FailedPrecondition,
     InvalidArgument,
     KVStoreError,
+    LeaseLost,
     NotFound,
     ResourceExhausted,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "FailedPrecondition",
     "InvalidArgument",
     "KVStoreError",
+    "LeaseLost",
     "Namespace",
     "NotFound",
     "ResourceExhausted",

@@ -198,25 +198,28 @@ def take_pin(pins: Counter[bytes], key: bytes) -> bool:
 
 def split_release(
     pins: Counter[bytes], ended: Counter[bytes], keys: Sequence[bytes]
-) -> tuple[Counter[bytes], list[bytes] | None]:
+) -> tuple[Counter[bytes], list[bytes] | None, int]:
     """How a client's ``release(keys)`` splits between the pins of its current session
     (``pins``) and those of sessions that ended (``ended``, released by the daemon then).
 
     One pin per key listed: the current session's first, else one that ended.  Both
-    counters are updated.  Returns ``(taken, send)``: ``taken``, the current session's
-    pins removed (add them back to ``pins`` if the release fails); ``send``, the keys to
-    release in the current session, or ``None`` when every key was a pin of a session
-    that ended (nothing to send).  Keys in neither counter stay in ``send``: the daemon
-    says whether the session holds them.
+    counters are updated.  Returns ``(taken, send, lost)``: ``taken``, the current
+    session's pins removed (add them back to ``pins`` if the release fails); ``send``,
+    the keys to release in the current session, or ``None`` when every key was a pin
+    of a session that ended (nothing to send); ``lost``, how many were such pins (the
+    caller raises :class:`~kvstore.errors.LeaseLost` for them).  Keys in neither
+    counter stay in ``send``: the daemon says whether the session holds them.
     """
     send = list(keys)
     taken = Counter(k for k in send if take_pin(pins, k))
+    lost = 0
     if ended:
         left = taken.copy()
         send = [k for k in send if take_pin(left, k) or not take_pin(ended, k)]
+        lost = len(keys) - len(send)
         if not send:
-            return taken, None
-    return taken, send
+            return taken, None, lost
+    return taken, send, lost
 
 
 def register_req(sid: int, ns: Namespace) -> pb.RegisterNamespaceRequest:

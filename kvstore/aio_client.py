@@ -29,7 +29,7 @@ from kvstore import _wire as w
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
 from kvstore._wire import Allocation, LookupResult, StoreResult
-from kvstore.errors import DaemonUnavailable, from_rpc_error
+from kvstore.errors import DaemonUnavailable, KVStoreError, LeaseLost, from_rpc_error
 from kvstore.keys import Namespace
 
 T = TypeVar("T")
@@ -78,6 +78,7 @@ class AsyncBlockLease:
         self._open = True
 
     async def close(self) -> None:
+        """Releases the pins (raises :class:`LeaseLost` as :meth:`BlockLease.close`)."""
         if self._open:
             self._open = False
             self.arrays = []
@@ -87,8 +88,14 @@ class AsyncBlockLease:
     async def __aenter__(self) -> AsyncBlockLease:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            await self.close()
+            return
+        try:  # the exception in flight says more than a failed release would
+            await self.close()
+        except KVStoreError as err:
+            log.warning("kvstore: lease release failed while handling an error: %s", err)
 
 
 class AsyncClient:
@@ -383,31 +390,27 @@ class AsyncClient:
         raise AssertionError("unreachable")
 
     async def _release_lease(self, sid: int, keys: Sequence[bytes]) -> None:
-        """Releases a lease's pins in session ``sid``, the one that took them.
+        """Releases pins in session ``sid``, the one that took them.
 
-        A no-op when that session no longer exists: the daemon released its pins
-        when it ended (client closed, or the daemon restarted and the client has
-        reconnected since).  Other errors raise as for :meth:`release`.
+        Raises:
+            LeaseLost: that session no longer holds them (as :meth:`Client.release`);
+                when the release itself finds the session lost, the client reconnects
+                first, as any call would.  Other errors raise as for :meth:`release`.
         """
         await self._settled()
         if self._channel is None or sid != self.session_id:
-            return
+            raise LeaseLost(len(keys))
         try:
             await self._send("Release", lambda s: pb.ReleaseRequest(session_id=s, keys=keys))
         except _Failed as f:
             exc = f.exc
-            if w.is_unknown_session(exc):
-                return  # unknown session: it ended with its pins
-            if self.auto_reconnect and w.is_session_lost(exc):
-                # The daemon went away (and the session with it) or restarted: reconnect
-                # as any call would; the new session never held these pins.
+            if not w.is_session_lost(exc):
+                raise from_rpc_error(exc) from None
+            if self.auto_reconnect:
                 log.warning("kvstore session lost (%s); reconnecting", exc.code())
-                try:
-                    await self._recover(f.sid)
-                except DaemonUnavailable:
-                    raise from_rpc_error(exc) from None
-                return
-            raise from_rpc_error(exc) from None
+                with contextlib.suppress(DaemonUnavailable):
+                    await self._recover(f.sid)  # a later call retries if this fails
+            raise LeaseLost(len(keys), f"the session ended: {exc.code().name}") from None
 
     # ------------------------------------------------------------------ verbs
     async def register_namespace(self, ns: Namespace) -> bytes:
@@ -481,28 +484,29 @@ class AsyncClient:
     async def release(self, keys: Sequence[bytes]) -> None:
         """Gives back pins taken by :meth:`acquire` (one per key listed).
 
-        As :meth:`Client.release`: pins taken in a session that has ended since (the
-        daemon restarted, the session expired) are skipped, and a release that finds
-        the session gone is a no-op (the client reconnects, as any call would).
-
         Raises:
+            LeaseLost: some of these pins were lost before this release, as
+                :meth:`Client.release` (the others are released all the same).
             FailedPrecondition: a key this client's session does not hold (nothing
                 is released then).
             DaemonUnavailable: no daemon answers.
         """
         await self._settled()  # a reconnect under way ends the current pins
-        taken, send = w.split_release(self._pins, self._ended_pins, keys)
-        if send is None:
-            return
-        if self._channel is None:
-            self._pins += taken
-            raise DaemonUnavailable("client is closed")
-        try:
-            # In this session only: if it ended meanwhile, so did its pins.
-            await self._release_lease(self.session_id, send)
-        except BaseException:
-            self._pins += taken  # nothing was released
-            raise
+        taken, send, lost = w.split_release(self._pins, self._ended_pins, keys)
+        if send is not None:
+            if self._channel is None:
+                self._pins += taken
+                raise DaemonUnavailable("client is closed")
+            try:
+                # In this session only: if it ended meanwhile, so did its pins.
+                await self._release_lease(self.session_id, send)
+            except LeaseLost as exc:
+                raise LeaseLost(exc.lost + lost) from None  # gone: not given back
+            except BaseException:
+                self._pins += taken  # nothing was released
+                raise
+        if lost:
+            raise LeaseLost(lost)
 
     async def prefetch(self, keys: Sequence[bytes]) -> int:
         """Promotes blocks to DRAM ahead of need; returns how many moved."""

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -30,7 +31,7 @@ from kvstore import _wire as w
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
 from kvstore._wire import Allocation, LookupResult, StoreResult
-from kvstore.errors import DaemonUnavailable, from_rpc_error
+from kvstore.errors import DaemonUnavailable, KVStoreError, LeaseLost, from_rpc_error
 from kvstore.keys import Namespace
 
 T = TypeVar("T")
@@ -68,6 +69,13 @@ class BlockLease:
         return t.view(dtype).view(*shape)
 
     def close(self) -> None:
+        """Releases the pins.
+
+        Raises:
+            LeaseLost: the session holding them ended before this (daemon restart,
+                expiry, reconnect): what was read through the views may be another
+                block's bytes; discard it.
+        """
         if self._open:
             self._open = False
             self.arrays = []
@@ -78,8 +86,14 @@ class BlockLease:
     def __enter__(self) -> BlockLease:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # the exception in flight says more than a failed release would
+            self.close()
+        except KVStoreError as err:
+            log.warning("kvstore: lease release failed while handling an error: %s", err)
 
 
 class Client:
@@ -281,29 +295,26 @@ class Client:
         raise AssertionError("unreachable")
 
     def _release_lease(self, sid: int, keys: Sequence[bytes]) -> None:
-        """Releases a lease's pins in session ``sid``, the one that took them.
+        """Releases pins in session ``sid``, the one that took them.
 
-        A no-op when that session no longer exists: the daemon released its pins
-        when it ended (client closed, or the daemon restarted and the client has
-        reconnected since).  Other errors raise as for :meth:`release`.
+        Raises:
+            LeaseLost: that session no longer holds them (it ended: client closed or
+                reconnected, session expired, daemon restarted); when the release
+                itself finds the session lost, the client reconnects first, as any
+                call would.  Other errors raise as for :meth:`release`.
         """
         if self._channel is None or sid != self.session_id:
-            return
+            raise LeaseLost(len(keys))
         try:
             self._stub.Release(pb.ReleaseRequest(session_id=sid, keys=keys), timeout=self.timeout)
         except grpc.RpcError as exc:
-            if w.is_unknown_session(exc):
-                return  # unknown session: it ended with its pins
-            if self.auto_reconnect and w.is_session_lost(exc):
-                # The daemon went away (and the session with it) or restarted: reconnect
-                # as any call would; the new session never held these pins.
+            if not w.is_session_lost(exc):
+                raise from_rpc_error(exc) from None
+            if self.auto_reconnect:
                 log.warning("kvstore session lost (%s); reconnecting", exc.code())
-                try:
-                    self.reconnect()
-                except DaemonUnavailable:
-                    raise from_rpc_error(exc) from None
-                return
-            raise from_rpc_error(exc) from None
+                with contextlib.suppress(DaemonUnavailable):
+                    self.reconnect()  # a later call retries if this fails
+            raise LeaseLost(len(keys), f"the session ended: {exc.code().name}") from None
 
     # ------------------------------------------------------------------ namespaces
     def register_namespace(self, ns: Namespace) -> bytes:
@@ -371,29 +382,30 @@ class Client:
     def release(self, keys: Sequence[bytes]) -> None:
         """Gives back pins taken by :meth:`acquire` (one per key listed).
 
-        Pins taken in a session that has ended since (the daemon restarted, the
-        session expired) are skipped: the daemon released them when it ended, and
-        the session the client has now never held them.  When the release itself
-        finds the session gone, it is a no-op for the same reason (the client
-        reconnects, as any call would).
-
         Raises:
+            LeaseLost: some of these pins were lost before this release (their
+                session ended: the daemon restarted, the session expired, the client
+                reconnected): the daemon released them then, and bytes read through
+                their views may have changed.  The others are released all the same.
             FailedPrecondition: a key this client's session does not hold (nothing
                 is released then).
             DaemonUnavailable: no daemon answers.
         """
-        taken, send = w.split_release(self._pins, self._ended_pins, keys)
-        if send is None:  # every key was a pin of a session that ended
-            return
-        if self._channel is None:
-            self._pins += taken
-            raise DaemonUnavailable("client is closed")
-        try:
-            # In this session only: if it ended meanwhile, so did its pins.
-            self._release_lease(self.session_id, send)
-        except BaseException:
-            self._pins += taken  # nothing was released
-            raise
+        taken, send, lost = w.split_release(self._pins, self._ended_pins, keys)
+        if send is not None:
+            if self._channel is None:
+                self._pins += taken
+                raise DaemonUnavailable("client is closed")
+            try:
+                # In this session only: if it ended meanwhile, so did its pins.
+                self._release_lease(self.session_id, send)
+            except LeaseLost as exc:
+                raise LeaseLost(exc.lost + lost) from None  # gone: not given back
+            except BaseException:
+                self._pins += taken  # nothing was released
+                raise
+        if lost:
+            raise LeaseLost(lost)
 
     def prefetch(self, keys: Sequence[bytes]) -> int:
         """Promotes blocks to DRAM ahead of need; returns how many moved."""

@@ -17,6 +17,25 @@ class DaemonUnavailable(KVStoreError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class LeaseLost(KVStoreError):
+    """Pins were not held until their release: the session that took them ended first
+    (the daemon restarted, the session expired, the client reconnected or closed).
+
+    The daemon released those pins when the session ended, so it may since have
+    reused their slots for other blocks: bytes read through the views may be another
+    block's.  Discard what was read under them and fetch again (or recompute).
+    """
+
+    code = grpc.StatusCode.ABORTED
+
+    def __init__(self, n: int, why: str = "the session that held them ended") -> None:
+        super().__init__(
+            f"{n} pin(s) were lost before their release ({why}): bytes read through "
+            "their views may have changed, discard them and fetch again"
+        )
+        self.lost = n
+
+
 class InvalidArgument(KVStoreError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 

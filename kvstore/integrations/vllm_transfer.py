@@ -69,7 +69,8 @@ def load_blocks(
     Copies blocks in order up to the first one kvstore cannot serve (evicted since
     the lookup, failed its checksum, or the wrong size); that block and every later
     one are reported as failed, so the engine recomputes from there.  Every pin
-    taken is released.
+    taken is released; if that fails (the session ended during the copy, so the
+    bytes may have changed under it), every block is reported as failed.
 
     Raises:
         KVStoreError: the daemon failed; nothing was loaded (all blocks failed).
@@ -90,8 +91,11 @@ def load_blocks(
             try:
                 client.release(held)
             except KVStoreError as exc:
-                # The copies are done; the daemon reclaims this session's pins itself.
-                log.warning("kvstore: release after load failed: %s", exc)
+                # The pins were not provably held through the copy (LeaseLost: the
+                # session ended, so the slots may have been reused under it): what was
+                # copied cannot be vouched for, and the engine recomputes all of it.
+                log.warning("kvstore: release after load failed, recomputing: %s", exc)
+                n_ok = 0
     return LoadOutcome(n_ok, tuple(t.block_ids[n_ok:]))
 
 

@@ -2,7 +2,8 @@
 
 A call that finds the daemon gone or its session unknown reconnects once (one
 reconnect for all the coroutines that find it so) and is retried; pins and leases of
-the ended session release as no-ops; errors the caller causes still raise.  Each test
+the ended session release nothing and raise LeaseLost; errors the caller causes still
+raise.  Each test
 restarts a real daemon on the same socket (the sync versions: test_client_connect,
 test_lease_restart, test_release_restart).
 """
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvstore import AsyncClient
+from kvstore import AsyncClient, LeaseLost
 from kvstore.errors import DaemonUnavailable, FailedPrecondition
 from tests.kvstore.conftest import DaemonProc
 from tests.kvstore.helpers import NS, blocks_for
@@ -84,8 +85,9 @@ def test_store_restart_lookup_and_the_old_lease(daemon: DaemonProc) -> None:
             old = c.session_id
             daemon.kill()
             daemon.start()
-            await lease.close()  # the daemon released those pins when the session ended
-            await lease.close()
+            with pytest.raises(LeaseLost, match="2 pin"):
+                await lease.close()  # the daemon released those pins when the session ended
+            await lease.close()  # once only
             # A DRAM-only daemon starts empty: the blocks are misses in the new session.
             assert await c.lookup_tokens(NS, TOKS) == 0
             assert c.session_id != old
@@ -100,7 +102,7 @@ def test_store_restart_lookup_and_the_old_lease(daemon: DaemonProc) -> None:
     asyncio.run(go())
 
 
-def test_release_right_after_a_restart_is_a_no_op(daemon: DaemonProc) -> None:
+def test_release_right_after_a_restart_says_the_pins_were_lost(daemon: DaemonProc) -> None:
     async def go() -> None:
         async with await AsyncClient.connect(daemon.socket, timeout=10.0) as c:
             await c.store_tokens(NS, TOKS, blocks_for(NS, TOKS))
@@ -108,7 +110,8 @@ def test_release_right_after_a_restart_is_a_no_op(daemon: DaemonProc) -> None:
             old = c.session_id
             daemon.kill()
             daemon.start()
-            await c.release(KEYS)  # finds its session gone: releases nothing
+            with pytest.raises(LeaseLost, match="2 pin"):
+                await c.release(KEYS)  # finds its session gone: releases nothing
             assert (await c.lookup(KEYS)).num_cached == 0  # reconnected by now
             assert c.session_id != old
             assert await _pins(c) == 0
@@ -118,7 +121,7 @@ def test_release_right_after_a_restart_is_a_no_op(daemon: DaemonProc) -> None:
     asyncio.run(go())
 
 
-def test_release_after_another_call_reconnected_is_a_no_op(daemon: DaemonProc) -> None:
+def test_release_after_another_call_reconnected_says_the_pins_were_lost(daemon: DaemonProc) -> None:
     async def go() -> None:
         async with await AsyncClient.connect(daemon.socket, timeout=10.0) as c:
             await c.store_tokens(NS, TOKS, blocks_for(NS, TOKS))
@@ -127,9 +130,11 @@ def test_release_after_another_call_reconnected_is_a_no_op(daemon: DaemonProc) -
             daemon.start()
             assert (await c.store_tokens(NS, TOKS, blocks_for(NS, TOKS))).new == 2
             assert (await c.acquire(KEYS[:1]))[0] is not None  # pinned in the new session
-            await c.release(KEYS)  # key 0: the new pin; key 1: ended with the old session
+            with pytest.raises(LeaseLost, match="1 pin"):
+                await c.release(KEYS)  # key 0: the new pin, released; key 1: ended
             assert await _pins(c) == 0
-            await c.release(KEYS[:1])  # key 0's old pin: ended too
+            with pytest.raises(LeaseLost, match="1 pin"):
+                await c.release(KEYS[:1])  # key 0's old pin: ended too
             with pytest.raises(FailedPrecondition, match="not acquired by this session"):
                 await c.release(KEYS[:1])
 

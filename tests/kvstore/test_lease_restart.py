@@ -1,17 +1,19 @@
-"""A lease taken before a daemon restart: closing it is a no-op, never someone else's pins."""
+"""A lease taken before a daemon restart: closing it raises LeaseLost (its pins ended
+with the session, so what was read under it cannot be vouched for) and releases
+nothing, never someone else's pins."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from kvstore import Client
+from kvstore import Client, LeaseLost
 from kvstore.errors import FailedPrecondition
 from tests.kvstore.conftest import DaemonProc
 from tests.kvstore.helpers import NS, blocks_for
 
 
-def test_lease_from_before_a_restart_closes_quietly(daemon: DaemonProc) -> None:
+def test_lease_from_before_a_restart_says_it_was_lost(daemon: DaemonProc) -> None:
     toks = np.arange(32)
     with Client(daemon.socket, timeout=10.0) as c:
         c.store_tokens(NS, toks, blocks_for(NS, toks))
@@ -20,8 +22,9 @@ def test_lease_from_before_a_restart_closes_quietly(daemon: DaemonProc) -> None:
         old_session = c.session_id
         daemon.kill()
         daemon.start()
-        lease.close()  # the daemon released those pins when the session ended
-        lease.close()
+        with pytest.raises(LeaseLost, match="2 pin"):
+            lease.close()  # the daemon released those pins when the session ended
+        lease.close()  # once only
         # The client works on in a new session, whose id the old one never shares.
         assert c.store_tokens(NS, toks, blocks_for(NS, toks)).new == 2
         assert c.session_id != old_session

@@ -1,11 +1,13 @@
-"""Client.release() of pins taken before a daemon restart is a no-op, as for leases."""
+"""Client.release() of pins taken before a daemon restart releases nothing and raises
+LeaseLost (the daemon released them when the session ended), as closing a lease does:
+what was read through their views cannot be vouched for."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from kvstore import Client
+from kvstore import Client, LeaseLost
 from kvstore.errors import FailedPrecondition
 from tests.kvstore.conftest import DaemonProc
 from tests.kvstore.helpers import NS, blocks_for
@@ -17,7 +19,7 @@ def _pins(c: Client) -> int:
     return int(c.stats()["sessions"]["pins"])
 
 
-def test_release_right_after_a_restart_is_a_no_op(daemon: DaemonProc) -> None:
+def test_release_right_after_a_restart_says_the_pins_were_lost(daemon: DaemonProc) -> None:
     with Client(daemon.socket, timeout=10.0) as c:
         c.store_tokens(NS, TOKS, blocks_for(NS, TOKS))
         keys = NS.block_keys(TOKS)
@@ -25,7 +27,8 @@ def test_release_right_after_a_restart_is_a_no_op(daemon: DaemonProc) -> None:
         old = c.session_id
         daemon.kill()
         daemon.start()
-        c.release(keys)  # finds its session gone (unknown session): releases nothing
+        with pytest.raises(LeaseLost, match="2 pin"):
+            c.release(keys)  # finds its session gone (unknown session): releases nothing
         assert c.lookup(keys).num_cached == 0  # the next call reconnects
         assert c.session_id != old
         assert _pins(c) == 0
@@ -33,7 +36,7 @@ def test_release_right_after_a_restart_is_a_no_op(daemon: DaemonProc) -> None:
             c.release(keys)  # a third release: a caller bug, as before
 
 
-def test_release_after_another_call_reconnected_is_a_no_op(daemon: DaemonProc) -> None:
+def test_release_after_another_call_reconnected_says_the_pins_were_lost(daemon: DaemonProc) -> None:
     with Client(daemon.socket, timeout=10.0) as c:
         c.store_tokens(NS, TOKS, blocks_for(NS, TOKS))
         keys = NS.block_keys(TOKS)
@@ -43,9 +46,11 @@ def test_release_after_another_call_reconnected_is_a_no_op(daemon: DaemonProc) -
         assert c.store_tokens(NS, TOKS, blocks_for(NS, TOKS)).new == 2  # reconnects
         again = c.acquire(keys[:1])  # pinned in the new session
         assert again[0] is not None
-        c.release(keys)  # key 0: the new pin; key 1: ended with the old session
+        with pytest.raises(LeaseLost, match="1 pin"):
+            c.release(keys)  # key 0: the new pin, released; key 1: ended with the old session
         assert _pins(c) == 0
-        c.release(keys[:1])  # key 0's old pin: ended too
+        with pytest.raises(LeaseLost, match="1 pin"):
+            c.release(keys[:1])  # key 0's old pin: ended too
         with pytest.raises(FailedPrecondition, match="not acquired by this session"):
             c.release(keys[:1])
 

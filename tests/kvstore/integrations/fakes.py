@@ -25,6 +25,7 @@ class FakeClient:
         self.pending: dict[bytes, bytearray] = {}
         self.pins: dict[bytes, int] = {}
         self.corrupt: set[bytes] = set()  # acquire reports these as misses (checksum failure)
+        self.lose_pins = False  # release finds the session ended (LeaseLost)
         self.down = False
         self.full = False
         self.closed = False
@@ -93,6 +94,10 @@ class FakeClient:
             self.pins[k] -= 1
             if not self.pins[k]:
                 del self.pins[k]
+        if self.lose_pins:
+            from kvstore.errors import LeaseLost
+
+            raise LeaseLost(len(keys))
 
     def close(self) -> None:
         self.closed = True

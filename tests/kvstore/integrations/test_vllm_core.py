@@ -312,6 +312,17 @@ def test_block_failing_its_checksum_is_a_miss_and_recomputed() -> None:
     assert c.pins == {}
 
 
+def test_pins_lost_during_the_copy_fail_every_block() -> None:
+    """The session ended while blocks were copied (release says LeaseLost): their slots
+    may have been reused under the copy, so none of it is trusted: all recomputed."""
+    ns, c = _ns(), FakeClient()
+    tokens = list(range(3 * BT))
+    save_blocks(c, ns, _paged(seed=1), _transfer(tokens, 0, [0, 1, 2]))
+    c.lose_pins = True
+    res = load_blocks(c, ns, _paged(seed=2), _transfer(tokens, 0, [4, 5, 6]))
+    assert res.loaded == 0 and res.failed_block_ids == (4, 5, 6)
+
+
 def test_wrong_sized_block_is_a_miss() -> None:
     ns, c = _ns(), FakeClient()
     tokens = list(range(2 * BT))
