@@ -205,7 +205,9 @@ def load_into_paged(
     Raises:
         KernelInputError: the cache does not match ``ns`` or ``layout``, or
             duplicate / out-of-range block ids.
-        kvstore.errors.KVStoreError: the daemon refused.
+        kvstore.errors.KVStoreError: the daemon refused; ``LeaseLost``: the session
+            ended during the copy, so what was written into ``block_ids`` cannot be
+            vouched for: treat none of it as loaded.
     """
     kv = describe_kv_caches(kv_caches, layout)
     check_namespace(ns, kv)
