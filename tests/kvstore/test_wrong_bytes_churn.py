@@ -156,7 +156,7 @@ def test_churn_with_held_leases_and_killed_writers(make_daemon: type[DaemonProc]
     killed = garbage_slots = 0
     t_end = time.monotonic() + secs - 1.0
     i = 0
-    while time.monotonic() < t_end:
+    while time.monotonic() < t_end or killed < 3:  # 3 at least, on a slow machine too
         p = popen_client(DOOMED.format(seed=1000 + i, socket=d.socket, seconds=0))
         assert p.stdout is not None
         line = p.stdout.readline().split()
