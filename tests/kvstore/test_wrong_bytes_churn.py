@@ -213,6 +213,15 @@ options = { slab_bytes = "64KiB" }
 """
 
 
+def _six_blocks(
+    make_daemon: type[DaemonProc],
+) -> tuple[DaemonProc, np.ndarray, list[bytes], list[np.ndarray]]:
+    """A DRAM-only daemon, and a 6-block sequence: its tokens, keys and contents."""
+    seq = np.arange(16 * 6)
+    keys = NS.block_keys(seq)
+    return make_daemon(DRAM_ONLY).start(), seq, keys, [content(k, NS.block_nbytes) for k in keys]
+
+
 def _flood(c: Client, first: int, n: int) -> None:
     """Stores ``n`` sequences of 4 blocks: every unpinned block is evicted."""
     for i in range(first, first + n):
@@ -226,10 +235,7 @@ def test_overlapping_pins_of_one_session_each_keep_their_bytes(
     """One session pins the same blocks several ways (two leases, the low-level acquire
     twice); giving back some of them must leave the rest pinned through a flood that
     reuses every free slot."""
-    d = make_daemon(DRAM_ONLY).start()
-    seq = np.arange(16 * 6)
-    keys = NS.block_keys(seq)
-    want = [content(k, NS.block_nbytes) for k in keys]
+    d, seq, keys, want = _six_blocks(make_daemon)
     with Client(d.socket) as c, Client(d.socket) as other:
         c.store_tokens(NS, seq, want)
         l1 = c.load_tokens(NS, seq)
@@ -268,10 +274,7 @@ def test_a_lease_whose_session_ended_says_so_at_release(make_daemon: type[Daemon
     slots while the lease's views still point at them.  Closing that lease raises
     LeaseLost, so the engine discards what it read instead of using another block's
     bytes; the low-level release() says the same."""
-    d = make_daemon(DRAM_ONLY).start()
-    seq = np.arange(16 * 6)
-    keys = NS.block_keys(seq)
-    want = [content(k, NS.block_nbytes) for k in keys]
+    d, seq, keys, want = _six_blocks(make_daemon)
     with Client(d.socket) as c, Client(d.socket) as other:
         c.store_tokens(NS, seq, want)
         lease = c.load_tokens(NS, seq)
