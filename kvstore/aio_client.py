@@ -8,8 +8,9 @@ Example:
 
 Like :class:`~kvstore.client.Client`, it survives a daemon restart: a call that finds
 the daemon gone or its session unknown reconnects (new channel, new session, the new
-arena mapped) and is retried once; releasing pins or leases of a session that ended is
-a no-op.  Coroutines share one reconnect: the others wait for it.
+arena mapped) and is retried once; releasing pins or leases of a session that ended
+raises LeaseLost (what was read under them cannot be vouched for).  Coroutines share
+one reconnect: the others wait for it.
 """
 
 from __future__ import annotations

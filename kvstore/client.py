@@ -128,7 +128,7 @@ class Client:
         self._arena: w.ArenaMap | None = None
         self._watch: Any = None
         # Pins taken by acquire() (the low-level call): in the current session, and in
-        # sessions that ended (the daemon dropped those; release() of them is a no-op).
+        # sessions that ended (the daemon dropped those; release() of them: LeaseLost).
         self._pins: Counter[bytes] = Counter()
         self._ended_pins: Counter[bytes] = Counter()
         if w.missing_unix_socket(self.target):
