@@ -112,7 +112,9 @@ def load_file_to_cuda(
     pipe = ReadPipeline(8, 8, 8 << 20, ring_backing=backing)
     sink = CudaSink(manifest.nbytes, device)
     try:
-        pipe.read(path, manifest.nbytes, sink, manifest.tensors if verify else None)
+        pipe.read(
+            path, manifest.nbytes, sink, manifest.tensors if verify else None, manifest.chunks
+        )
     finally:
         pipe.close()
         del keep

@@ -27,6 +27,30 @@ class TensorEntry:
     checksum: int  # xxh3_64 of the tensor's bytes
 
 
+CHUNK_BYTES = 4 << 20
+"""Default size of the data file's checksummed chunks (see :class:`ChunkSums`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkSums:
+    """xxh3_64 of every ``size``-byte chunk of the data file, padding included (the
+    last chunk may be shorter).
+
+    The per-tensor checksums name a corrupt tensor, but they can only be computed in
+    file order, one tensor at a time.  Chunk checksums let a load verify each read
+    on the thread that made it, as soon as it lands, in parallel with the reads still
+    in flight; any mismatch sends the load back to the per-tensor checksums, which
+    decide (see :mod:`loader.pipeline`).
+    """
+
+    size: int
+    sums: tuple[int, ...]
+
+    def covers(self, nbytes: int) -> bool:
+        """Whether these are the chunks of a file of ``nbytes`` bytes."""
+        return self.size > 0 and len(self.sums) == -(-nbytes // self.size)
+
+
 @dataclass(frozen=True, slots=True)
 class Manifest:
     """A registered model.
@@ -43,6 +67,7 @@ class Manifest:
     created: float
     source: str
     metadata: dict[str, str] = field(default_factory=dict)
+    chunks: ChunkSums | None = None  # None in manifests written before chunk sums
 
     @property
     def tensor_bytes(self) -> int:
@@ -64,6 +89,8 @@ class Manifest:
                 for t in self.tensors
             ],
         }
+        if self.chunks is not None:
+            doc["chunks"] = [self.chunks.size, list(self.chunks.sums)]
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @classmethod
@@ -71,6 +98,7 @@ class Manifest:
         doc = json.loads(raw)
         if doc.get("version") != 1:
             raise ValueError(f"unsupported manifest version {doc.get('version')!r}")
+        chunks = doc.get("chunks")
         return cls(
             name=doc["name"],
             uid=doc["uid"],
@@ -82,4 +110,5 @@ class Manifest:
             tensors=tuple(
                 TensorEntry(n, d, tuple(s), o, b, c) for n, d, s, o, b, c in doc["tensors"]
             ),
+            chunks=ChunkSums(chunks[0], tuple(chunks[1])) if chunks else None,
         )

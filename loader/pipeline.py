@@ -14,14 +14,27 @@ Where the bytes land is a :class:`Sink`:
   are in flight.
 
 Either way the pipeline itself holds at most ``ring_buffers x ring_buffer_bytes``,
-never the model's size.  Chunks are consumed in file order, which lets the per-tensor
-xxh3_64 be computed incrementally; a mismatch raises an error naming the tensor.
+never the model's size.
+
+Verification, two ways:
+
+* **chunk checksums** (manifests written since they were added, when the read size
+  is a multiple of their chunk size): each read is hashed on the I/O thread that made
+  it, as soon as it lands, so hashing runs on every core alongside the reads still in
+  flight and nothing is left to hash when the last read completes;
+* **per-tensor checksums**: chunks are consumed in file order and each tensor's
+  xxh3_64 is computed incrementally on a hasher thread.
+
+Any chunk mismatch stops the read and reads the file again with the per-tensor
+checksums, which decide: a corrupt tensor is an error naming it, never wrong weights;
+a mismatch that was only in padding or in that one read loads normally.
 """
 
 from __future__ import annotations
 
 import collections
 import errno
+import logging
 import mmap
 import os
 import queue
@@ -37,7 +50,7 @@ import xxhash
 
 from loader.arena import MADV_POPULATE_WRITE
 from loader.errors import ModelChecksumError, ModelStoreError
-from loader.manifest import ALIGN, TensorEntry
+from loader.manifest import ALIGN, ChunkSums, TensorEntry
 
 
 class Sink(Protocol):
@@ -152,6 +165,17 @@ class AlignedRing:
             pass
 
 
+log = logging.getLogger(__name__)
+
+
+class _ChunkMismatch(Exception):
+    """A chunk read back did not match its checksum (the read falls back to tensors)."""
+
+    def __init__(self, offset: int) -> None:
+        super().__init__(offset)
+        self.offset = offset
+
+
 class _Verifier:
     """Incremental per-tensor xxh3_64 over chunks fed in file order."""
 
@@ -200,6 +224,7 @@ class ReadStats:
     zero_copy_chunks: int = 0
     ring_chunks: int = 0
     fallback_reason: str = ""
+    verify: str = ""  # "chunks", "tensors", "tensors after a chunk mismatch" or "off"
 
     @property
     def gbps(self) -> float:
@@ -275,18 +300,52 @@ class ReadPipeline:
         nbytes: int,
         sink: Sink,
         tensors: Sequence[TensorEntry] | None = None,
+        chunks: ChunkSums | None = None,
     ) -> ReadStats:
         """Reads ``nbytes`` of ``path`` into ``sink``, verifying ``tensors``' checksums.
+
+        Args:
+            tensors: the tensors to verify (None: no verification).
+            chunks: the data file's chunk checksums, used first when given with
+                ``tensors`` and every read covers whole chunks (see the module doc).
 
         Raises:
             ModelChecksumError: a tensor's bytes do not match its checksum.
             ModelStoreError: the data file is missing, short or unreadable.
         """
+        path = Path(path)
         with self._lock:
-            return self._read(Path(path), nbytes, sink, tensors)
+            if (
+                tensors is not None
+                and chunks is not None
+                and chunks.covers(nbytes)
+                and self.ring.size % chunks.size == 0
+            ):
+                try:
+                    st = self._read(path, nbytes, sink, None, chunks)
+                    st.verify = "chunks"
+                    return st
+                except _ChunkMismatch as exc:
+                    log.warning(
+                        "%s: chunk at offset %d does not match its checksum; reading it "
+                        "again with the per-tensor checksums",
+                        path,
+                        exc.offset,
+                    )
+                st = self._read(path, nbytes, sink, tensors)
+                st.verify = "tensors after a chunk mismatch"
+                return st
+            st = self._read(path, nbytes, sink, tensors)
+            st.verify = "tensors" if tensors is not None else "off"
+            return st
 
     def _read(
-        self, path: Path, nbytes: int, sink: Sink, tensors: Sequence[TensorEntry] | None
+        self,
+        path: Path,
+        nbytes: int,
+        sink: Sink,
+        tensors: Sequence[TensorEntry] | None,
+        chunks: ChunkSums | None = None,
     ) -> ReadStats:
         fd_direct, fd_buf, reason = self._open(path)
         stats = ReadStats(nbytes=nbytes, direct=fd_direct is not None, fallback_reason=reason)
@@ -313,6 +372,19 @@ class ReadPipeline:
                     break
                 done += n
             return done
+
+        def pread_verified(buf: memoryview, off: int) -> int:
+            # On the I/O thread, right after the read: xxh3 releases the GIL, so the
+            # chunks of reads that land together are hashed on every core.
+            n = pread(buf, off)
+            if chunks is not None and n == len(buf):
+                size, sums = chunks.size, chunks.sums
+                for j in range(0, n, size):
+                    if xxhash.xxh3_64_intdigest(buf[j : j + size]) != sums[(off + j) // size]:
+                        raise _ChunkMismatch(off + j)
+            return n
+
+        job = pread_verified if chunks is not None else pread
 
         # Checksums of chunks read straight into the destination are computed on a
         # hasher thread, in file order, so the submitting loop keeps the disk busy
@@ -376,7 +448,7 @@ class ReadPipeline:
                         complete()
                     slot = self.ring.acquire()
                     dst = self.ring.buffers[slot][:length]
-                inflight.append((off, dst, slot, self._pool.submit(pread, dst, off)))
+                inflight.append((off, dst, slot, self._pool.submit(job, dst, off)))
             while inflight:
                 complete()
             hq.put(None)

@@ -270,6 +270,7 @@ class ResidencyManager:
                 m.nbytes,
                 HostSink(dest),
                 m.tensors if self.config.verify_checksums else None,
+                m.chunks,
             )
             r.load_seconds = time.perf_counter() - t0
             with self._lock:

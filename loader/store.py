@@ -1,7 +1,7 @@
 """Model storage under ``<data_dir>/models/``: aligned data files and an LMDB index.
 
 Ingest writes the data file first (every tensor on a 4 KiB boundary, per-tensor
-xxh3_64), fsyncs it, then registers the manifest in one LMDB transaction.  Any failure
+xxh3_64, and xxh3_64 of every 4 MiB chunk of the file for fast verified loads), fsyncs it, then registers the manifest in one LMDB transaction.  Any failure
 before that commit deletes the data file: a model is either fully registered or not
 at all.  LMDB is safe across processes, so ``kvstore models add`` may run while the
 daemon serves; the daemon reads manifests on demand.
@@ -25,7 +25,7 @@ import xxhash
 
 from kvstore.lmdb_space import reserve_lock_file
 from loader.errors import ModelExistsError, ModelFormatError, ModelNotFoundError, ModelStoreError
-from loader.manifest import ALIGN, Manifest, TensorEntry, align_up
+from loader.manifest import ALIGN, CHUNK_BYTES, ChunkSums, Manifest, TensorEntry, align_up
 from loader.paths import user_path
 from loader.safetensors_format import SafetensorsFile, parse_file
 
@@ -152,7 +152,17 @@ class ModelStore:
         data_dir: the daemon's data directory; models live in ``data_dir/models``.
     """
 
-    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, data_dir: str | os.PathLike[str], chunk_bytes: int = CHUNK_BYTES) -> None:
+        """
+        Args:
+            data_dir: the daemon's data directory (models go under ``models/``).
+            chunk_bytes: size of the checksummed chunks recorded for models added from
+                now on (a multiple of 4 KiB; loads verify per chunk when their read
+                size is a multiple of it).
+        """
+        if chunk_bytes < ALIGN or chunk_bytes % ALIGN:
+            raise ValueError(f"chunk_bytes must be a multiple of {ALIGN}, got {chunk_bytes}")
+        self.chunk_bytes = chunk_bytes
         self.root = user_path(data_dir) / "models"
         self.data_dir = self.root / "data"
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -225,7 +235,7 @@ class ModelStore:
         final = self.data_dir / f"{uid}.bin"
         partial = self.data_dir / f"{uid}.pid{os.getpid()}.partial"
         try:
-            entries = self._write_data(partial, files, total, progress)
+            entries, chunks = self._write_data(partial, files, total, progress)
             os.rename(partial, final)
             _fsync_dir(self.data_dir)
             src = str(source) if not isinstance(source, list) else str(files[0].path)
@@ -238,6 +248,7 @@ class ModelStore:
                 created=time.time(),
                 source=src,
                 metadata={k: v for f in files for k, v in f.metadata.items()},
+                chunks=chunks,
             )
             with self.env.begin(write=True) as txn:
                 if not txn.put(_KEY_PREFIX + name.encode(), manifest.to_json(), overwrite=False):
@@ -264,8 +275,9 @@ class ModelStore:
         files: list[SafetensorsFile],
         total: int,
         progress: Callable[[int], None] | None,
-    ) -> list[TensorEntry]:
+    ) -> tuple[list[TensorEntry], ChunkSums]:
         entries: list[TensorEntry] = []
+        chunker = _ChunkHasher(self.chunk_bytes)
         buf = bytearray(_COPY_CHUNK)
         mv = memoryview(buf)
         try:
@@ -292,6 +304,7 @@ class ModelStore:
                             if n <= 0:
                                 raise ModelFormatError(f"{f.path}: truncated in tensor {t.name!r}")
                             h.update(mv[:n])
+                            chunker.update(mv[:n])
                             _pwrite_all(out, mv[:n], cursor + done)
                             done += n
                             if progress is not None:
@@ -299,9 +312,12 @@ class ModelStore:
                         entries.append(
                             TensorEntry(t.name, t.dtype, t.shape, cursor, t.nbytes, h.intdigest())
                         )
-                        cursor = align_up(cursor + t.nbytes)
+                        end = cursor + t.nbytes
+                        cursor = align_up(end)
+                        chunker.zeros(cursor - end)  # the padding, as the file reads back
                 finally:
                     os.close(src)
+            chunker.zeros(total - cursor)
             os.ftruncate(out, total)
             os.fsync(out)
         except OSError as exc:
@@ -310,7 +326,7 @@ class ModelStore:
             raise ModelStoreError(f"writing {dest}: {exc.strerror}") from None
         finally:
             os.close(out)
-        return entries
+        return entries, chunker.finish()
 
     # ------------------------------------------------------------------ removal
     def remove(self, name: str) -> Manifest:
@@ -344,6 +360,41 @@ class ModelStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _ChunkHasher:
+    """xxh3_64 of every ``size``-byte chunk of a stream fed in order."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.h = xxhash.xxh3_64()
+        self.fill = 0
+        self.sums: list[int] = []
+
+    def update(self, data: memoryview | bytes) -> None:
+        while len(data):
+            take = min(self.size - self.fill, len(data))
+            self.h.update(data[:take])
+            data = data[take:]
+            self.fill += take
+            if self.fill == self.size:
+                self.sums.append(self.h.intdigest())
+                self.h.reset()
+                self.fill = 0
+
+    def zeros(self, n: int) -> None:
+        while n > 0:
+            k = min(n, len(_ZEROS))
+            self.update(_ZEROS[:k])
+            n -= k
+
+    def finish(self) -> ChunkSums:
+        if self.fill:
+            self.sums.append(self.h.intdigest())
+        return ChunkSums(self.size, tuple(self.sums))
+
+
+_ZEROS = bytes(ALIGN)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
