@@ -326,6 +326,9 @@ class ReadPipeline:
                     st.verify = "chunks"
                     return st
                 except _ChunkMismatch as exc:
+                    # Its traceback holds the read's frames, which hold its future,
+                    # which holds it: a cycle keeping views on the destination alive.
+                    exc.__traceback__ = None
                     log.warning(
                         "%s: chunk at offset %d does not match its checksum; reading it "
                         "again with the per-tensor checksums",

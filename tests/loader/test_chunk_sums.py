@@ -4,6 +4,7 @@ mismatch decided by the per-tensor checksums (a corrupt tensor is named, never l
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import mmap
@@ -155,3 +156,21 @@ def test_daemon_loads_verify_by_chunk(tmp_path: Path) -> None:
             assert r.read is not None and r.read.verify == "chunks"
         finally:
             mgr.close()
+
+
+def test_fallback_leaves_no_view_on_the_destination(cstore: ModelStore, tmp_path: Path) -> None:
+    # A caught chunk mismatch must not keep the read's frames (and their views on the
+    # destination) alive in a reference cycle: the arena could not be unmapped.
+    m = _stored(cstore, tmp_path)
+    sums = list(m.chunks.sums)  # type: ignore[union-attr]
+    sums[0] ^= 1
+    dest = mmap.mmap(-1, m.nbytes)
+    gc.disable()
+    try:
+        mv = memoryview(dest)
+        st = _read(cstore, m, HostSink(mv), chunks=ChunkSums(CHUNK, tuple(sums)))
+        assert st.verify == "tensors after a chunk mismatch"
+        mv.release()
+        dest.close()  # BufferError if a view survived
+    finally:
+        gc.enable()
