@@ -20,11 +20,15 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(VENV)/bin/kvstore serve $(ARGS)
 
-test: $(STAMP)
+test: lint typecheck
+	$(PY) -m pytest
+
+lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP)
 	$(PY) -m mypy kvstore loader kernels
-	$(PY) -m pytest
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
