@@ -21,8 +21,8 @@ GPU mode (``bench/gpu_check.sh`` runs it):
   memory, same threads and request size);
 * byte-plane split/merge kernel against a device-to-device copy;
 * model weights (issue #5): a stored model's file -> GPU memory
-  (:func:`loader.gpu.load_file_to_cuda`: ``O_DIRECT`` reads into a pinned ring,
-  chunk checksums verified, copied to the device) against the drive's direct read,
+  (:func:`loader.gpu.load_file_to_cuda`, through kvikio when installed and through
+  ``O_DIRECT`` reads into a pinned ring, both verified) against the drive's direct read,
   and a DRAM-resident model -> GPU (:func:`loader.gpu.copy_to_cuda`, what
   ``load_model(device="cuda")`` does after the daemon's load) against one pinned
   host-to-device copy of the same bytes (the link).
@@ -463,28 +463,34 @@ def bench_models_gpu(quick: bool, data_dir: str | None) -> list[dict[str, Any]]:
             src.unlink()
             _drop_cache(path)
             t_direct = _direct_read(path, m.nbytes, 8 << 20, 8)
-            times = []
-            for _ in range(2 if quick else 3):
-                _drop_cache(path)
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                got = load_file_to_cuda(path, m, dev)
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-                bad = [k for k, v in ref.items() if not _same_bytes(got[k].cpu(), v)]
-                assert not bad, f"wrong bytes in {bad[:3]}"
-                del got
-            rows.append(
-                _row(
-                    "model file -> gpu (pinned ring, verified)",
-                    m.nbytes,  # the data file, padding included: what both reads read
-                    statistics.median(times),
-                    t_direct,
-                    "O_DIRECT read",
-                    tensors=len(ref),
-                    samples_s=[round(t, 4) for t in times],
+            from kvstore.tiers.gpu_util import kvikio_available
+
+            paths = [("pinned ring", False)] + ([("kvikio", True)] if kvikio_available() else [])
+            for label, kv in paths:
+                times = []
+                for _ in range(2 if quick else 3):
+                    _drop_cache(path)
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    got = load_file_to_cuda(path, m, dev, use_kvikio=kv)
+                    torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t0)
+                    bad = [k for k, v in ref.items() if not _same_bytes(got[k].cpu(), v)]
+                    assert not bad, f"wrong bytes in {bad[:3]}"
+                    del got
+                rows.append(
+                    _row(
+                        f"model file -> gpu ({label}, verified)",
+                        m.nbytes,  # the data file, padding included: what both reads read
+                        statistics.median(times),
+                        t_direct,
+                        "O_DIRECT read",
+                        tensors=len(ref),
+                        samples_s=[round(t, 4) for t in times],
+                    )
                 )
-            )
+            if len(paths) == 1:
+                rows.append({"name": "model file -> gpu (kvikio)", "skipped": "no kvikio"})
     # DRAM-resident model (pageable host memory, like the daemon's arena) -> GPU.
     t_link = _pinned_h2d_s(nbytes, dev)
     t_copy = _median_s(lambda: copy_to_cuda(ref, dev), 3, torch.cuda.synchronize)

@@ -1,4 +1,5 @@
-"""The GPU path: host tensors to CUDA memory through a ring of pinned staging buffers.
+"""The GPU path: host tensors to CUDA memory through a ring of pinned staging buffers,
+and stored models from disk into CUDA memory (kvikio or a pinned read ring).
 
 The arena's pages are not page-locked, so a direct ``.to("cuda")`` would make the
 driver stage them through its own small bounce buffer synchronously.  Copying each
@@ -9,9 +10,12 @@ memory stays bounded by the ring (``buffers x buffer_bytes``), never the model.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BUFFERS = 4
 DEFAULT_BUFFER_BYTES = 32 << 20
@@ -93,21 +97,49 @@ def pinned_ring_backing(count: int, size: int) -> tuple[torch.Tensor, memoryview
 
 
 def load_file_to_cuda(
-    path: str, manifest: Any, device: torch.device, verify: bool = True
+    path: str,
+    manifest: Any,
+    device: torch.device,
+    verify: bool = True,
+    use_kvikio: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Reads a stored model straight into GPU memory (no DRAM residency).
+
+    With kvikio (``use_kvikio`` None: when it is installed) the reads land in device
+    memory directly (GPUDirect Storage where the driver has it) and are verified by
+    chunk (:mod:`loader.gpu_direct`); otherwise, for models without chunk checksums,
+    or after a chunk mismatch, through a ring of pinned buffers with ``O_DIRECT``
+    reads, verified on the way.
 
     Args:
         path: the model's data file (``ModelStore.data_path(manifest)``).
         manifest: its :class:`~loader.manifest.Manifest`.
         device: a CUDA device.
-        verify: check every tensor's checksum on the way (in the pinned ring).
+        verify: check every byte against the manifest's checksums.
+        use_kvikio: force (True) or skip (False) the kvikio path.
+
+    Raises:
+        ModelChecksumError: a tensor's bytes do not match (names the tensor).
+        ModelStoreError: the data file is missing, short or unreadable.
     """
-    from loader.client import torch_dtype
+    from loader import gpu_direct
     from loader.pipeline import ReadPipeline
 
     if not cuda_available():
         raise RuntimeError("no CUDA device")
+    if use_kvikio is None:
+        from kvstore.tiers.gpu_util import kvikio_available
+
+        use_kvikio = kvikio_available()
+    if use_kvikio and manifest.nbytes and gpu_direct.usable(manifest, verify):
+        read, close = gpu_direct.kvikio_reader(path)
+        try:
+            buf = gpu_direct.read_to_device(manifest, device, read, verify)
+            return tensor_views(manifest, buf, device)
+        except gpu_direct.ChunkMismatch as exc:
+            log.warning("%s: %s; loading it again with the per-tensor checksums", path, exc)
+        finally:
+            close()
     keep, backing = pinned_ring_backing(8, 8 << 20)
     pipe = ReadPipeline(8, 8, 8 << 20, ring_backing=backing)
     sink = CudaSink(manifest.nbytes, device)
@@ -118,10 +150,17 @@ def load_file_to_cuda(
     finally:
         pipe.close()
         del keep
+    return tensor_views(manifest, sink.buffer, device)
+
+
+def tensor_views(manifest: Any, buf: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    """One tensor per manifest entry, viewing ``buf`` (the data file's bytes)."""
+    from loader.client import torch_dtype
+
     out: dict[str, torch.Tensor] = {}
     for t in manifest.tensors:
         dt = torch_dtype(t.dtype)
-        raw = sink.buffer[t.offset : t.offset + t.nbytes]
+        raw = buf[t.offset : t.offset + t.nbytes]
         out[t.name] = (
             raw.view(dt).view(t.shape)
             if t.nbytes

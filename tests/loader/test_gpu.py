@@ -52,3 +52,44 @@ def test_cuda_sink_protocol_on_cpu() -> None:
     sink.consume(4096, memoryview(data))
     assert sink.target(0, 4096) is None
     assert bytes(sink.buffer[4096:].numpy()) == bytes(data)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_kvikio", [True, False])
+def test_load_file_to_cuda_kvikio_or_ring(tmp_path: Path, use_kvikio: bool) -> None:
+    from loader.gpu import load_file_to_cuda
+    from loader.store import ModelStore
+    from tests.loader.conftest import write_model
+
+    if use_kvikio:
+        pytest.importorskip("kvikio")
+    ref = small_model(4, layers=8)
+    with ModelStore(tmp_path / "d", chunk_bytes=64 << 10) as st:
+        m = st.add("m", write_model(tmp_path / "m.safetensors", ref))
+        got = load_file_to_cuda(
+            str(st.data_path(m)), m, torch.device("cuda"), use_kvikio=use_kvikio
+        )
+    for k, v in ref.items():
+        assert got[k].device.type == "cuda"
+        assert torch.equal(got[k].cpu(), v), k
+
+
+@pytest.mark.gpu
+def test_load_file_to_cuda_names_a_corrupt_tensor(tmp_path: Path) -> None:
+    # Through kvikio when installed: the chunk mismatch falls back to the pinned ring,
+    # whose per-tensor checksums name the tensor.
+    from loader.errors import ModelChecksumError
+    from loader.gpu import load_file_to_cuda
+    from loader.store import ModelStore
+    from tests.loader.conftest import write_model
+
+    with ModelStore(tmp_path / "d", chunk_bytes=64 << 10) as st:
+        m = st.add("m", write_model(tmp_path / "m.safetensors", small_model(5, layers=8)))
+        t = next(t for t in m.tensors if t.name == "layers.6.attn.qkv")
+        with open(st.data_path(m), "r+b") as f:
+            f.seek(t.offset + 7)
+            b = f.read(1)
+            f.seek(t.offset + 7)
+            f.write(bytes([b[0] ^ 2]))
+        with pytest.raises(ModelChecksumError, match=r"layers\.6\.attn\.qkv"):
+            load_file_to_cuda(str(st.data_path(m)), m, torch.device("cuda"))
