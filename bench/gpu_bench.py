@@ -466,6 +466,11 @@ def bench_models_gpu(quick: bool, data_dir: str | None) -> list[dict[str, Any]]:
             from kvstore.tiers.gpu_util import kvikio_available
 
             paths = [("pinned ring", False)] + ([("kvikio", True)] if kvikio_available() else [])
+            if kvikio_available():
+                import kvikio.defaults
+
+                # kvikio's own pool has 1 thread by default: as many as the ring path has.
+                kvikio.defaults.set({"num_threads": 8})
             for label, kv in paths:
                 times = []
                 for _ in range(2 if quick else 3):
