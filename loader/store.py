@@ -17,6 +17,7 @@ import shutil
 import threading
 import time
 import uuid
+from array import array
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -163,6 +164,7 @@ class ModelStore:
         if chunk_bytes < ALIGN or chunk_bytes % ALIGN:
             raise ValueError(f"chunk_bytes must be a multiple of {ALIGN}, got {chunk_bytes}")
         self.chunk_bytes = chunk_bytes
+        self._parsed: dict[str, tuple[bytes, Manifest]] = {}  # see get()
         self.root = user_path(data_dir) / "models"
         self.data_dir = self.root / "data"
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -182,9 +184,18 @@ class ModelStore:
         with self.env.begin() as txn:
             raw = txn.get(_KEY_PREFIX + name.encode())
         if raw is None:
+            self._parsed.pop(name, None)
             known = ", ".join(m.name for m in self.list_models()) or "none"
             raise ModelNotFoundError(f"no model named {name!r} (registered: {known})")
-        return Manifest.from_json(raw)
+        # The daemon asks on every load and swap; a large model's manifest takes
+        # milliseconds to parse, so the last parse is kept while the stored bytes
+        # are the same (another process may remove and add the name meanwhile).
+        hit = self._parsed.get(name)
+        if hit is not None and hit[0] == raw:
+            return hit[1]
+        manifest = Manifest.from_json(raw)
+        self._parsed[name] = (raw, manifest)
+        return manifest
 
     def list_models(self) -> list[Manifest]:
         with self.env.begin() as txn:
@@ -337,6 +348,7 @@ class ModelStore:
         """
         with self.env.begin(write=True) as txn:
             raw = txn.pop(_KEY_PREFIX + name.encode())
+        self._parsed.pop(name, None)
         if raw is None:
             raise ModelNotFoundError(f"no model named {name!r}")
         manifest = Manifest.from_json(raw)
@@ -391,7 +403,7 @@ class _ChunkHasher:
     def finish(self) -> ChunkSums:
         if self.fill:
             self.sums.append(self.h.intdigest())
-        return ChunkSums(self.size, tuple(self.sums))
+        return ChunkSums(self.size, array("Q", self.sums))
 
 
 _ZEROS = bytes(ALIGN)

@@ -66,6 +66,10 @@ def test_ingest_records_every_chunk_of_the_file(cstore: ModelStore, tmp_path: Pa
         xxhash.xxh3_64_intdigest(data[i : i + CHUNK]) for i in range(0, len(data), CHUNK)
     ]
     assert cstore.get("m") == m  # through the index (JSON) and back
+    # One compact string in the JSON (a 140 GB model has 35,000 sums; the daemon reads
+    # the manifest on every load and swap).
+    size, packed = json.loads(m.to_json())["chunks"]
+    assert size == CHUNK and isinstance(packed, str) and len(packed) < 12 * len(m.chunks.sums)
     with ModelStore(tmp_path / "d2") as default:
         assert _stored(default, tmp_path).chunks.size == CHUNK_BYTES  # type: ignore[union-attr]
 

@@ -156,3 +156,19 @@ def test_second_store_handle_sees_adds(tmp_path: Path) -> None:
     with ModelStore(tmp_path / "d") as a, ModelStore(tmp_path / "d") as b:
         a.add("m", src)
         assert b.get("m").name == "m"
+
+
+def test_get_reuses_its_parse_until_the_stored_manifest_changes(
+    store: ModelStore, tmp_path: Path
+) -> None:
+    src = write_model(tmp_path / "a.safetensors", small_model(0))
+    first = store.add("m", src)
+    assert store.get("m") is store.get("m")  # parsed once, not on every load and swap
+    # Removed and added again by another process: the new manifest, not the old parse.
+    with ModelStore(store.root.parent) as other:
+        other.remove("m")
+        again = other.add("m", src)
+        assert store.get("m").uid == again.uid != first.uid
+        other.remove("m")
+    with pytest.raises(ModelNotFoundError):
+        store.get("m")
