@@ -322,6 +322,23 @@ def bench_arena_gpu(quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def _kvikio_threads(n: int) -> None:
+    """Sets kvikio's thread pool size, whichever of its APIs this version has."""
+    import kvikio.defaults
+
+    for call in (
+        lambda: kvikio.defaults.set({"num_threads": n}),  # 25.x: a dict of settings
+        lambda: kvikio.defaults.set("num_threads", n),
+        lambda: kvikio.defaults.num_threads_reset(n),  # before 25.x
+    ):
+        try:
+            call()
+            return
+        except (AttributeError, TypeError):
+            continue
+    print("could not set kvikio's thread count; its default (1) applies", flush=True)
+
+
 def _drop_cache(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -385,8 +402,11 @@ def bench_nvme_gpu(quick: bool, data_dir: str | None) -> list[dict[str, Any]]:
             import kvikio
             import kvikio.defaults
 
-            info["kvikio_compat_mode"] = str(kvikio.defaults.is_compat_mode_preferred())
-            kvikio.defaults.set({"num_threads": threads})
+            try:
+                info["kvikio_compat_mode"] = str(kvikio.defaults.is_compat_mode_preferred())
+            except AttributeError:  # older kvikio
+                info["kvikio_compat_mode"] = str(kvikio.defaults.compat_mode())
+            _kvikio_threads(threads)
             _drop_cache(path)
             t0 = time.perf_counter()
             g.read_file_into_device(path, 0, size, dev.data.ptr, use_kvikio=True)
@@ -467,10 +487,8 @@ def bench_models_gpu(quick: bool, data_dir: str | None) -> list[dict[str, Any]]:
 
             paths = [("pinned ring", False)] + ([("kvikio", True)] if kvikio_available() else [])
             if kvikio_available():
-                import kvikio.defaults
-
                 # kvikio's own pool has 1 thread by default: as many as the ring path has.
-                kvikio.defaults.set({"num_threads": 8})
+                _kvikio_threads(8)
             for label, kv in paths:
                 times = []
                 for _ in range(2 if quick else 3):
