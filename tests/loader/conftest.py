@@ -37,6 +37,15 @@ def small_model(seed: int = 0, layers: int = 3) -> dict[str, torch.Tensor]:
     return out
 
 
+def flip_byte(path: Path, offset: int, mask: int = 0x01) -> None:
+    """Corrupts one byte of ``path`` in place (XOR ``mask``)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ mask]))
+
+
 def write_model(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path))

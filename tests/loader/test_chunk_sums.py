@@ -19,7 +19,7 @@ from loader.manifest import CHUNK_BYTES, ChunkSums, Manifest
 from loader.pipeline import CopySink, HostSink, NullSink, ReadPipeline, ReadStats, Sink
 from loader.residency import ResidencyManager
 from loader.store import ModelStore
-from tests.loader.conftest import small_model, write_model
+from tests.loader.conftest import flip_byte, small_model, write_model
 
 CHUNK = 64 << 10
 
@@ -47,14 +47,6 @@ def _read(
         return pipe.read(store.data_path(m), m.nbytes, sink, m.tensors, chunks or m.chunks)
     finally:
         pipe.close()
-
-
-def _flip(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x40]))
 
 
 def test_ingest_records_every_chunk_of_the_file(cstore: ModelStore, tmp_path: Path) -> None:
@@ -116,7 +108,7 @@ def test_corrupt_tensor_is_named(
 ) -> None:
     m = _stored(cstore, tmp_path)
     t = next(t for t in m.tensors if t.name == "layers.7.mlp.up")
-    _flip(cstore.data_path(m), t.offset + t.nbytes // 2)
+    flip_byte(cstore.data_path(m), t.offset + t.nbytes // 2)
     dest = bytearray(m.nbytes)
     sink = HostSink(memoryview(dest)) if sink_kind == "direct" else CopySink(memoryview(dest))
     with caplog.at_level(logging.WARNING, "loader.pipeline"):
@@ -130,7 +122,7 @@ def test_mismatch_only_in_padding_loads_the_right_bytes(cstore: ModelStore, tmp_
     # A tensor whose end is not 4 KiB-aligned: the bytes after it are padding.
     t = next(t for t in m.tensors if t.nbytes and (t.offset + t.nbytes) % 4096)
     path = cstore.data_path(m)
-    _flip(path, t.offset + t.nbytes)
+    flip_byte(path, t.offset + t.nbytes)
     dest = bytearray(m.nbytes)
     st = _read(cstore, m, HostSink(memoryview(dest)))
     assert st.verify == "tensors after a chunk mismatch"

@@ -81,15 +81,11 @@ def test_load_file_to_cuda_names_a_corrupt_tensor(tmp_path: Path) -> None:
     from loader.errors import ModelChecksumError
     from loader.gpu import load_file_to_cuda
     from loader.store import ModelStore
-    from tests.loader.conftest import write_model
+    from tests.loader.conftest import flip_byte, write_model
 
     with ModelStore(tmp_path / "d", chunk_bytes=64 << 10) as st:
         m = st.add("m", write_model(tmp_path / "m.safetensors", small_model(5, layers=8)))
         t = next(t for t in m.tensors if t.name == "layers.6.attn.qkv")
-        with open(st.data_path(m), "r+b") as f:
-            f.seek(t.offset + 7)
-            b = f.read(1)
-            f.seek(t.offset + 7)
-            f.write(bytes([b[0] ^ 2]))
+        flip_byte(st.data_path(m), t.offset + 7)
         with pytest.raises(ModelChecksumError, match=r"layers\.6\.attn\.qkv"):
             load_file_to_cuda(str(st.data_path(m)), m, torch.device("cuda"))

@@ -15,7 +15,7 @@ from loader.errors import ModelStoreError
 from loader.gpu import tensor_views
 from loader.manifest import Manifest
 from loader.store import ModelStore
-from tests.loader.conftest import small_model, write_model
+from tests.loader.conftest import flip_byte, small_model, write_model
 
 CHUNK = 64 << 10
 CPU = torch.device("cpu")
@@ -54,12 +54,7 @@ def test_reads_every_byte_and_builds_the_tensors(stored: tuple[ModelStore, Manif
 def test_a_corrupt_chunk_is_caught(stored: tuple[ModelStore, Manifest]) -> None:
     store, m = stored
     t = next(t for t in m.tensors if t.name == "layers.9.mlp.up")
-    path = store.data_path(m)
-    with open(path, "r+b") as f:
-        f.seek(t.offset + 5)
-        b = f.read(1)
-        f.seek(t.offset + 5)
-        f.write(bytes([b[0] ^ 1]))
+    flip_byte(store.data_path(m), t.offset + 5)
     with pytest.raises(gd.ChunkMismatch) as ei:
         _load(store, m)
     assert ei.value.offset == (t.offset + 5) // CHUNK * CHUNK

@@ -27,7 +27,7 @@ from loader.errors import (
     ModelStoreError,
 )
 from loader.store import ModelStore
-from tests.loader.conftest import ServerHandle, small_model, write_model
+from tests.loader.conftest import ServerHandle, flip_byte, small_model, write_model
 
 
 def _add(
@@ -194,11 +194,7 @@ def test_corrupt_data_names_the_tensor(server: ServerHandle, tmp_path: Path) -> 
     with ModelStore(server.data_dir) as st:
         m = st.get("a")
         t = next(t for t in m.tensors if t.name == "layers.1.mlp.up")
-        with open(st.data_path(m), "r+b") as f:
-            f.seek(t.offset + 100)
-            b = f.read(1)
-            f.seek(t.offset + 100)
-            f.write(bytes([b[0] ^ 0x01]))
+        flip_byte(st.data_path(m), t.offset + 100)
     with pytest.raises(ModelChecksumError, match="layers.1.mlp.up"):
         client.load_model(server.channel, "a")
     assert server.servicer.manager.resident("a") is None  # nothing half-resident
