@@ -1,9 +1,9 @@
 """Model storage under ``<data_dir>/models/``: aligned data files and an LMDB index.
 
 Ingest writes the data file first (every tensor on a 4 KiB boundary, per-tensor
-xxh3_64, and xxh3_64 of every 4 MiB chunk of the file for fast verified loads), fsyncs it, then registers the manifest in one LMDB transaction.  Any failure
-before that commit deletes the data file: a model is either fully registered or not
-at all.  LMDB is safe across processes, so ``kvstore models add`` may run while the
+xxh3_64, and the xxh3_64 of every 4 MiB chunk of the file for fast verified loads),
+fsyncs it, then registers the manifest in one LMDB transaction.  Any failure before
+that commit deletes the data file: a model is either fully registered or not at all.  LMDB is safe across processes, so ``kvstore models add`` may run while the
 daemon serves; the daemon reads manifests on demand.
 """
 
@@ -151,16 +151,12 @@ class ModelStore:
 
     Args:
         data_dir: the daemon's data directory; models live in ``data_dir/models``.
+        chunk_bytes: size of the checksummed chunks recorded for models added from now
+            on (a multiple of 4 KiB; loads verify per chunk when their read size is a
+            multiple of it).
     """
 
     def __init__(self, data_dir: str | os.PathLike[str], chunk_bytes: int = CHUNK_BYTES) -> None:
-        """
-        Args:
-            data_dir: the daemon's data directory (models go under ``models/``).
-            chunk_bytes: size of the checksummed chunks recorded for models added from
-                now on (a multiple of 4 KiB; loads verify per chunk when their read
-                size is a multiple of it).
-        """
         if chunk_bytes < ALIGN or chunk_bytes % ALIGN:
             raise ValueError(f"chunk_bytes must be a multiple of {ALIGN}, got {chunk_bytes}")
         self.chunk_bytes = chunk_bytes
