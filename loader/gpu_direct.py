@@ -72,7 +72,10 @@ def read_to_device(
 
     def read_one(off: int) -> None:
         want = min(seg, n - off)
-        got = read(buf[off : off + want], off, want)
+        try:
+            got = read(buf[off : off + want], off, want)
+        except (OSError, RuntimeError) as exc:  # kvikio reports I/O errors as RuntimeError
+            raise ModelStoreError(f"read of {want} bytes at offset {off} failed: {exc}") from exc
         if got != want:
             raise ModelStoreError(f"short read: {got} of {want} bytes at offset {off}")
 
@@ -120,7 +123,10 @@ def kvikio_reader(path: str) -> tuple[SegmentReader, Callable[[], None]]:
 
     from kvstore.tiers.gpu_util import _DeviceSpan
 
-    f = kvikio.CuFile(path, "r")
+    try:
+        f = kvikio.CuFile(path, "r")
+    except (OSError, RuntimeError) as exc:
+        raise ModelStoreError(f"cannot open data file {path}: {exc}") from exc
 
     def read(dest: torch.Tensor, offset: int, nbytes: int) -> int:
         return int(f.pread(_DeviceSpan(dest.data_ptr(), nbytes), nbytes, offset).get())

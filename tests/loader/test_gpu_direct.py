@@ -73,3 +73,13 @@ def test_which_manifests_can_use_it(stored: tuple[ModelStore, Manifest]) -> None
     old = dataclasses.replace(m, chunks=None)  # added before chunk checksums
     assert gd.usable(m, True) and gd.usable(old, False) and not gd.usable(old, True)
     assert gd.segment_bytes(m) == 2 * CHUNK
+
+
+def test_a_failing_read_is_a_store_error(stored: tuple[ModelStore, Manifest]) -> None:
+    store, m = stored
+
+    def broken(dest: torch.Tensor, offset: int, nbytes: int) -> int:
+        raise OSError(5, "Input/output error")
+
+    with pytest.raises(ModelStoreError, match="Input/output error"):
+        gd.read_to_device(m, CPU, broken)
