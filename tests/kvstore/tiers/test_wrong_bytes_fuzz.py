@@ -324,15 +324,24 @@ def test_random_churn_never_serves_wrong_bytes(
     print(f"verified {s.verified_blocks} blocks ({s.verified_bytes >> 20} MiB); {s.ops}")
 
 
-def test_random_churn_with_a_lying_disk_is_misses_not_wrong_bytes(tmp_path: Path) -> None:
-    nb = 8192
-    h = build(tmp_path / "nv", nb, "lru")
+def _churn_then_stop(
+    path: Path, nb: int, seed: int, steps: int, corrupt: bool = False
+) -> tuple[Any, Hierarchy]:
+    """Random churn on a fresh DRAM + NVMe hierarchy, flushed, then both tiers closed
+    (a daemon that stopped): the fuzz's stats and the hierarchy."""
+    h = build(path, nb, "lru")
     try:
-        s = asyncio.run(Fuzz(h, nb, 7, corrupt=True).run(1500))
+        s = asyncio.run(Fuzz(h, nb, seed, corrupt=corrupt).run(steps))
         _nvme(h).flush()
     finally:
         _nvme(h).close()
         _dram(h).close()
+    return s, h
+
+
+def test_random_churn_with_a_lying_disk_is_misses_not_wrong_bytes(tmp_path: Path) -> None:
+    nb = 8192
+    s, h = _churn_then_stop(tmp_path / "nv", nb, 7, 1500, corrupt=True)
     # Flip many more bytes while it is down, then restart: misses, never wrong bytes.
     for p in (tmp_path / "nv" / "segments").iterdir():
         size = p.stat().st_size
@@ -351,13 +360,7 @@ def test_random_churn_with_a_lying_disk_is_misses_not_wrong_bytes(tmp_path: Path
 def test_torn_segment_tail_after_crash_is_dropped_or_verified(tmp_path: Path) -> None:
     """A segment file cut short (a torn write the index still names) never serves."""
     nb = 8192
-    h = build(tmp_path / "nv", nb, "lru")
-    try:
-        asyncio.run(Fuzz(h, nb, 9).run(400))
-        _nvme(h).flush()
-    finally:
-        _nvme(h).close()
-        _dram(h).close()
+    _churn_then_stop(tmp_path / "nv", nb, 9, 400)
     for p in (tmp_path / "nv" / "segments").iterdir():
         size = p.stat().st_size
         if size > 3 * 4096:
