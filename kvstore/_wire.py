@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import mmap
 import os
 from collections import Counter
@@ -18,6 +19,8 @@ from kvstore._proto import kvstore_pb2 as pb
 from kvstore.errors import DaemonUnavailable, InvalidArgument
 from kvstore.hierarchy import Status
 from kvstore.keys import Namespace, key_length_error
+
+_log = logging.getLogger("kvstore.client")
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
@@ -332,3 +335,61 @@ def block_filler(
 def checksum(view: memoryview) -> int:
     """xxh3-64 of a block: the checksum every tier verifies."""
     return int(xxhash.xxh3_64_intdigest(view))
+
+
+class HeldModels:
+    """The models a client pinned in its current session, and those whose pin it lost.
+
+    A reconnect to the same daemon within ``models.pin_grace_s`` carries the pins
+    over (the daemon kept them); the others are *lost*: the daemon released them, so
+    the model's extent may have been reused under the client's tensors.  Releasing
+    a lost model raises :class:`~loader.errors.ModelPinLost`; loading it again gives
+    fresh tensors and clears the mark.
+    """
+
+    def __init__(self) -> None:
+        self.held: set[str] = set()
+        self.lost: set[str] = set()
+
+    def loaded(self, name: str, pin: bool = True) -> None:
+        """``name`` was loaded (fresh tensors), pinned for this session if ``pin``."""
+        if pin:
+            self.held.add(name)
+        self.lost.discard(name)
+
+    def released(self, name: str) -> bool:
+        """``name``'s pin was given back; True when it had been lost before."""
+        self.held.discard(name)
+        if name in self.lost:
+            self.lost.discard(name)
+            return True
+        return False
+
+    def reopened(self, adopted: Sequence[str], previous: int) -> None:
+        """A new session (replacing ``previous``) adopted the pins of ``adopted``: the
+        other models held are lost."""
+        kept = set(adopted)
+        lost = self.held - kept
+        self.lost |= lost
+        self.held &= kept
+        self.warn(lost, previous)
+
+    def warn(self, lost: set[str], previous: int) -> None:
+        """Logs the models a reopen lost (the engine should load them again)."""
+        if lost:
+            _log.warning(
+                "kvstore: the pins of model(s) %s ended with session %d and were not kept "
+                "for this one (daemon restarted, or away past models.pin_grace_s): their "
+                "tensors may have changed, load them again",
+                ", ".join(sorted(lost)),
+                previous,
+            )
+
+    def swapped_from(self, old: str) -> None:
+        """A swap unpinned ``old``: warns if its pin had been lost before."""
+        if self.released(old):
+            _log.warning(
+                "kvstore: the pin of model %r was lost before this swap: tensors read "
+                "from it since may have changed",
+                old,
+            )

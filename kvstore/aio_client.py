@@ -122,6 +122,7 @@ class AsyncClient:
         self._ended_pins: Counter[bytes] = Counter()
         self._reconnecting: asyncio.Task[None] | None = None  # the one under way
         self._closed = False
+        self._models_held = w.HeldModels()
 
     @classmethod
     async def connect(
@@ -143,8 +144,10 @@ class AsyncClient:
         return c
 
     # ------------------------------------------------------------------ connection
-    async def _open(self) -> None:
-        """Connects and opens a session; the client's state changes only on success."""
+    async def _open(self, previous: int = 0) -> None:
+        """Connects and opens a session; the client's state changes only on success.
+        A reconnect names its ``previous`` session (the daemon carries over the model
+        pins it kept for us)."""
         ch = grpc.aio.insecure_channel(self.target, options=w.CHANNEL_OPTIONS)
         mm: w.ArenaMap | None = None
         try:
@@ -155,7 +158,9 @@ class AsyncClient:
             stub = pb_grpc.KVStoreStub(ch)
             try:
                 resp = await stub.OpenSession(
-                    pb.OpenSessionRequest(client_name=self.name, client_pid=os.getpid()),
+                    pb.OpenSessionRequest(
+                        client_name=self.name, client_pid=os.getpid(), previous_session_id=previous
+                    ),
                     timeout=self.timeout,
                 )
                 sid = resp.session_id
@@ -171,6 +176,7 @@ class AsyncClient:
             raise
         self._channel, self._stub, self.session_id = ch, stub, sid
         self._arena = mm
+        self._models_held.reopened(resp.adopted_models, previous)
         self._watch_task = asyncio.create_task(self._drain_watch(stub, sid))
 
     @staticmethod
@@ -229,10 +235,11 @@ class AsyncClient:
         return task
 
     async def _reopen(self) -> None:
+        previous = self.session_id
         await self._teardown()
         self._ended_pins += self._pins
         self._pins = Counter()
-        await self._open()
+        await self._open(previous)
 
     @staticmethod
     async def _join(task: asyncio.Task[None]) -> None:
@@ -322,26 +329,36 @@ class AsyncClient:
         """Tensors of model ``name`` (views on shared memory; pinned for this session)."""
         from loader import aio
 
-        return await self._models(
+        out = await self._models(
             lambda ch, sid: aio.load_model(ch, name, device, session_id=sid, pin=pin)
         )
+        self._models_held.loaded(name, pin)
+        return out
+
+    @property
+    def lost_models(self) -> frozenset[str]:
+        """Models whose pin this client lost (as :attr:`Client.lost_models`)."""
+        return frozenset(self._models_held.lost)
 
     async def swap(self, old: str, new: str, device: str = "cpu") -> dict[str, Any]:
         """Makes ``new`` resident and pinned, unpins ``old``; returns ``new``'s tensors.
 
-        After a reconnect (the daemon restarted) the session holds no pin on ``old``
-        any more, and ``new`` is simply loaded and pinned."""
+        After a reconnect that did not keep the pin on ``old`` (the daemon restarted),
+        ``new`` is simply loaded and pinned."""
         from loader import aio
 
         await self._settled()
         first = self.session_id
 
         async def call(ch: grpc.aio.Channel, sid: int) -> dict[str, Any]:
-            if sid != first:
+            if sid != first and old not in self._models_held.held:
                 return await aio.load_model(ch, new, device, session_id=sid)
             return await aio.swap_models(ch, old, new, device, session_id=sid)
 
-        return await self._models(call)
+        out = await self._models(call)
+        self._models_held.swapped_from(old)
+        self._models_held.loaded(new)
+        return out
 
     async def prefetch_model(self, name: str) -> str:
         from loader import aio
@@ -350,10 +367,14 @@ class AsyncClient:
 
     async def release_model(self, name: str, evict: bool = False) -> int:
         from loader import aio
+        from loader.errors import ModelPinLost
 
-        return await self._models(
+        n = await self._models(
             lambda ch, sid: aio.release_model(ch, name, session_id=sid, evict=evict)
         )
+        if self._models_held.released(name):
+            raise ModelPinLost(name)
+        return n
 
     async def models(self) -> list[dict[str, Any]]:
         from loader import aio

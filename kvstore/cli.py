@@ -69,6 +69,7 @@ Configuration (TOML, --config FILE); flags override the file.  Every field:
   io_threads = 64
   direct_io = true
   verify_checksums = true
+  pin_grace_s = 30.0       # a disconnected client's model pins wait this long for its reconnect
 """
 
 

@@ -131,6 +131,7 @@ class Client:
         # sessions that ended (the daemon dropped those; release() of them: LeaseLost).
         self._pins: Counter[bytes] = Counter()
         self._ended_pins: Counter[bytes] = Counter()
+        self._models_held = w.HeldModels()
         if w.missing_unix_socket(self.target):
             # Nothing can answer there: say so now rather than after the connect timeout.
             # (A reconnect still waits: the socket is briefly missing while a daemon restarts.)
@@ -138,7 +139,9 @@ class Client:
         self._connect()
 
     # ------------------------------------------------------------------ connection
-    def _connect(self) -> None:
+    def _connect(self, previous: int = 0) -> None:
+        """Opens a session (a reconnect names its ``previous`` one: the daemon carries
+        over the model pins it kept for us)."""
         ch = grpc.insecure_channel(self.target, options=w.CHANNEL_OPTIONS)
         try:
             grpc.channel_ready_future(ch).result(timeout=self.timeout)
@@ -149,13 +152,16 @@ class Client:
         self._stub = pb_grpc.KVStoreStub(ch)
         try:
             resp = self._stub.OpenSession(
-                pb.OpenSessionRequest(client_name=self.name, client_pid=os.getpid()),
+                pb.OpenSessionRequest(
+                    client_name=self.name, client_pid=os.getpid(), previous_session_id=previous
+                ),
                 timeout=self.timeout,
             )
         except grpc.RpcError as exc:
             ch.close()
             raise from_rpc_error(exc) from None
         self.session_id = resp.session_id
+        self._models_held.reopened(resp.adopted_models, previous)
         self._arena = w.map_arena(resp.arena.path, resp.arena.size)
         self._watch = self._stub.Watch(pb.WatchRequest(session_id=self.session_id))
         self._watch_thread = threading.Thread(
@@ -195,10 +201,11 @@ class Client:
 
         The pins of the old session end with it (the daemon releases them).
         """
+        previous = self.session_id
         self._teardown()
         self._ended_pins += self._pins
         self._pins = Counter()
-        self._connect()
+        self._connect(previous)
 
     # ------------------------------------------------------------------ model weights
     # Errors are ``loader.errors.ModelError``s; like the KV verbs, a call that finds its
@@ -226,23 +233,34 @@ class Client:
         """Tensors of model ``name`` (views on shared memory; pinned for this session)."""
         from loader.client import load_model
 
-        return self._models(lambda ch, sid: load_model(ch, name, device, session_id=sid, pin=pin))
+        out = self._models(lambda ch, sid: load_model(ch, name, device, session_id=sid, pin=pin))
+        self._models_held.loaded(name, pin)
+        return out
+
+    @property
+    def lost_models(self) -> frozenset[str]:
+        """Models whose pin this client lost (its session ended and the daemon did not
+        keep the pin for the new one): their tensors may have changed; load them again."""
+        return frozenset(self._models_held.lost)
 
     def swap(self, old: str, new: str, device: str = "cpu") -> dict[str, Any]:
         """Makes ``new`` resident and pinned, unpins ``old``; returns ``new``'s tensors.
 
-        After a reconnect (the daemon restarted) the session holds no pin on ``old``
-        any more, and ``new`` is simply loaded and pinned."""
+        After a reconnect that did not keep the pin on ``old`` (the daemon restarted),
+        ``new`` is simply loaded and pinned."""
         from loader.client import load_model, swap_models
 
         first = self.session_id
 
         def call(ch: grpc.Channel, sid: int) -> dict[str, Any]:
-            if sid != first:
+            if sid != first and old not in self._models_held.held:
                 return load_model(ch, new, device, session_id=sid)
             return swap_models(ch, old, new, device, session_id=sid)
 
-        return self._models(call)
+        out = self._models(call)
+        self._models_held.swapped_from(old)
+        self._models_held.loaded(new)
+        return out
 
     def prefetch_model(self, name: str) -> str:
         from loader.client import prefetch_model
@@ -251,8 +269,12 @@ class Client:
 
     def release_model(self, name: str, evict: bool = False) -> int:
         from loader.client import release_model
+        from loader.errors import ModelPinLost
 
-        return self._models(lambda ch, sid: release_model(ch, name, session_id=sid, evict=evict))
+        n = self._models(lambda ch, sid: release_model(ch, name, session_id=sid, evict=evict))
+        if self._models_held.released(name):
+            raise ModelPinLost(name)
+        return n
 
     def models(self) -> list[dict[str, Any]]:
         from loader.client import list_models

@@ -10,7 +10,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -134,6 +134,7 @@ class Daemon:
         self._servicer: KVStoreServicer | None = None
         self._stopping = asyncio.Event()
         self._reaper: asyncio.Task[None] | None = None
+        self._expire_parked: Callable[[], int] | None = None
         self._metrics_server: Any = None
         self.extra_closers: list[Any] = []
 
@@ -205,6 +206,9 @@ class Daemon:
         )
         self.extra_closers.append(models_service.close)
         self.sessions.on_close.append(models_service.release_session)
+        self.sessions.on_lost.append(lambda s: models_service.session_lost(s.id, s.pid))
+        self.sessions.on_reopen.append(models_service.adopt_session)
+        self._expire_parked = models_service.expire_parked
         hs = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(hs, server)
         sock = Path(scfg.socket).expanduser()
@@ -243,6 +247,8 @@ class Daemon:
         while True:
             await asyncio.sleep(period)
             self.sessions.reap_idle()
+            if self._expire_parked is not None:
+                self._expire_parked()  # model pins of clients that did not come back
 
     async def wait(self) -> None:
         await self._stopping.wait()

@@ -121,11 +121,15 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     async def OpenSession(self, request: pb.OpenSessionRequest, context: Ctx) -> Any:
         s = self.d.sessions.open(request.client_name, request.client_pid)
         self._closed[s.id] = asyncio.Event()
+        adopted = []
+        if request.previous_session_id:
+            adopted = self.d.sessions.reopen(request.previous_session_id, s)
         arena = self.d.dram.arena
         return pb.OpenSessionResponse(
             session_id=s.id,
             arena=pb.ArenaInfo(path=arena.path, size=arena.size),
             lease_timeout_ms=int(self.d.cfg.server.lease_timeout_s * 1000),
+            adopted_models=adopted,
         )
 
     async def Watch(self, request: pb.WatchRequest, context: Ctx) -> AsyncIterator[Any]:

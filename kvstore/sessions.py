@@ -24,6 +24,12 @@ from kvstore.keys import Namespace
 log = logging.getLogger(__name__)
 
 
+LOST_REASONS = frozenset({"client disconnected", "lease expired", "client reconnected"})
+"""Ways a session ends without its client closing it: the client may come back."""
+MAX_LOST_SESSIONS = 4096
+"""How many such ended sessions the daemon remembers the client of (for a reconnect)."""
+
+
 @dataclass(slots=True)
 class Session:
     id: int
@@ -56,6 +62,15 @@ class SessionManager:
         # callables(session_id), run however a session ends: they drop what the server
         # and the model service keep per session (Watch events, model pins).
         self.on_close: list[Any] = []
+        # callables(session), run first when a session ends without the client
+        # closing it (LOST_REASONS): the model service parks its pins there.
+        self.on_lost: list[Any] = []
+        # callables(old_id, new_id) -> names, run when a client reopens: the model
+        # service moves the parked pins of ``old_id`` to ``new_id``.
+        self.on_reopen: list[Any] = []
+        # pid of each session that ended in a LOST_REASONS way (bounded): only the
+        # same client process may take over what such a session kept.
+        self._lost_pids: dict[int, int] = {}
 
     def open(self, name: str, pid: int) -> Session:
         now = time.monotonic()
@@ -87,6 +102,27 @@ class SessionManager:
                 del self.namespaces[ns_id]
         s.namespaces.clear()
 
+    def reopen(self, previous: int, new: Session) -> list[str]:
+        """Session ``new`` is a reconnect of the client of session ``previous``: ends
+        that one if it is still open (its client left it), then lets the hooks move
+        what it kept (parked model pins) to ``new``.  Only a session of the same
+        client process may do so.  Returns the models adopted."""
+        old = self.sessions.get(previous)
+        if old is not None:
+            if old.pid != new.pid or old is new:
+                return []
+            self.close(previous, reason="client reconnected")
+        if self._lost_pids.get(previous) != new.pid:
+            return []
+        del self._lost_pids[previous]
+        names: list[str] = []
+        for hook in self.on_reopen:
+            try:
+                names += hook(previous, new.id)
+            except Exception:  # noqa: BLE001 - the new session works without it
+                log.exception("session %d: on_reopen hook %r failed", new, hook)
+        return names
+
     def close(self, sid: int, reason: str = "closed") -> tuple[int, int]:
         """Ends a session: releases its pins, aborts its allocations.
 
@@ -96,6 +132,15 @@ class SessionManager:
         s = self.sessions.pop(sid, None)
         if s is None:
             return 0, 0
+        if reason in LOST_REASONS:
+            self._lost_pids[sid] = s.pid
+            if len(self._lost_pids) > MAX_LOST_SESSIONS:
+                del self._lost_pids[next(iter(self._lost_pids))]
+            for hook in self.on_lost:
+                try:
+                    hook(s)
+                except Exception:  # noqa: BLE001 - the close must go on
+                    log.exception("session %d: on_lost hook %r failed", sid, hook)
         released = 0
         for key, count in s.pins.items():
             e = self.h.get(key)

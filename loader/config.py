@@ -39,6 +39,9 @@ class ModelsConfig:
         io_threads: threads issuing reads.
         direct_io: read with O_DIRECT (falls back to buffered reads if refused).
         verify_checksums: verify every tensor's xxh3_64 on load.
+        pin_grace_s: how long the model pins of a session that ended without closing
+            (its Watch stream broke or its lease expired while its process lives) are
+            kept for its client to reconnect and take them over; 0: released at once.
     """
 
     dram_budget: int = 0
@@ -51,6 +54,7 @@ class ModelsConfig:
     io_threads: int = 64
     direct_io: bool = True
     verify_checksums: bool = True
+    pin_grace_s: float = 30.0
 
     def validate(self) -> ModelsConfig:
         from kvstore.policies import POLICIES
@@ -70,6 +74,8 @@ class ModelsConfig:
             raise ConfigError(f"models.max_inflight: 1..1024, got {self.max_inflight}")
         if self.io_threads < 1 or self.io_threads > 256:
             raise ConfigError(f"models.io_threads: 1..256, got {self.io_threads}")
+        if not 0 <= self.pin_grace_s <= 86400:
+            raise ConfigError(f"models.pin_grace_s: 0..86400 seconds, got {self.pin_grace_s}")
         if self.policy not in POLICIES:
             raise ConfigError(
                 f"models.policy: unknown policy {self.policy!r}; known: {', '.join(POLICIES.names())}"
@@ -91,6 +97,8 @@ class ModelsConfig:
                 v = parse_size(v, f"models.{k}")
             else:
                 want = type(known[k].default)
+                if want is float and isinstance(v, int) and not isinstance(v, bool):
+                    v = float(v)  # `pin_grace_s = 30` in TOML
                 if not isinstance(v, want) or (want is int and isinstance(v, bool)):
                     raise ConfigError(
                         f"models.{k}: expected {want.__name__}, got {type(v).__name__} ({v!r})"

@@ -8,7 +8,7 @@ model errors too, as it does every other client error), and those with a matchin
 kvstore class derive from it as well: ``ModelNotFoundError`` is a ``NotFound``,
 ``ModelBudgetError`` a ``ResourceExhausted``, ``ModelFormatError`` an
 ``InvalidArgument``, ``ModelStoreError`` a ``FailedPrecondition``,
-``ModelUnavailableError`` a ``DaemonUnavailable``.
+``ModelUnavailableError`` a ``DaemonUnavailable``, ``ModelPinLost`` a ``LeaseLost``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from kvstore.errors import (
     FailedPrecondition,
     InvalidArgument,
     KVStoreError,
+    LeaseLost,
     NotFound,
     ResourceExhausted,
 )
@@ -74,3 +75,22 @@ class ModelUnavailableError(ModelError, DaemonUnavailable):
     """The daemon did not answer a Models call (not running, or it went away)."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class ModelPinLost(ModelError, LeaseLost):
+    """The session that pinned the model ended before the pin's release, and the
+    daemon did not keep the pin for the client's new session (it restarted, or the
+    client came back after ``models.pin_grace_s``): the model's extent may have been
+    reused meanwhile, so tensors read from it may have changed.  Load it again."""
+
+    code = grpc.StatusCode.ABORTED
+
+    def __init__(self, name: str) -> None:
+        KVStoreError.__init__(
+            self,
+            f"the pin of model {name!r} ended with its session before this release (the "
+            "daemon restarted, or the client reconnected after models.pin_grace_s): "
+            "tensors read from it since may have changed; load it again",
+        )
+        self.lost = 1
+        self.model = name

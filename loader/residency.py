@@ -12,6 +12,12 @@ Contract for readers: bytes of a model are stable while any session pins it.  A
 client must not read a model's tensors after releasing its pin: the extent may be
 reused for another model (the same contract as KV blocks: acquire, read, release).
 
+A session that ends without closing (its Watch stream broke, its lease expired) while
+its client process lives may come back: its pins are *parked* (kept, under the
+negated session id) until a deadline, and a new session of that client adopts them,
+so the client's tensors stay valid across the reconnect.  Parked pins that nobody
+adopts in time are dropped.
+
 Thread contract: every public method may be called from any thread; loads run one
 at a time on the manager's loader thread (they share the read ring).
 """
@@ -61,6 +67,11 @@ class Resident:
     def total_pins(self) -> int:
         return sum(self.pins.values())
 
+    @property
+    def parked_pins(self) -> int:
+        """Pins of sessions that ended without closing, kept for their reconnect."""
+        return sum(n for sid, n in self.pins.items() if sid < 0)
+
 
 @dataclass(slots=True)
 class ResidencyCounters:
@@ -103,6 +114,8 @@ class ResidencyManager:
         self.policy = POLICIES.get(config.policy)(capacity_blocks=64)
         self.counters = ResidencyCounters()
         self._by_uid: dict[str, Resident] = {}
+        # session id -> time.monotonic() deadline of its parked pins
+        self._parked: dict[int, float] = {}
         self._lock = threading.Lock()
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="loader-load")
         self._closed = False
@@ -166,6 +179,46 @@ class ResidencyManager:
         """Drops every pin of a session (call when the session closes or dies)."""
         with self._lock:
             return sum(r.pins.pop(session_id, 0) for r in self._by_uid.values())
+
+    def park_session(self, session_id: int, until: float) -> int:
+        """Keeps the pins of a session that ended without closing until ``until``
+        (``time.monotonic()``) for :meth:`adopt`; returns how many were kept."""
+        with self._lock:
+            n = 0
+            for r in self._by_uid.values():
+                k = r.pins.pop(session_id, 0)
+                if k:
+                    r.pins[-session_id] = r.pins.get(-session_id, 0) + k
+                    n += k
+            if n:
+                self._parked[session_id] = until
+            return n
+
+    def adopt(self, old: int, new: int) -> list[str]:
+        """Moves the parked pins of session ``old`` to session ``new``; returns the
+        names of the models they pin (none when ``old`` has none parked: never
+        parked, already adopted, or expired)."""
+        with self._lock:
+            if self._parked.pop(old, None) is None:
+                return []
+            names = set()
+            for r in self._by_uid.values():
+                k = r.pins.pop(-old, 0)
+                if k:
+                    r.pins[new] = r.pins.get(new, 0) + k
+                    names.add(r.name)
+            return sorted(names)
+
+    def expire_parked(self, now: float | None = None) -> int:
+        """Drops parked pins whose deadline passed; returns how many."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            n = 0
+            for sid in [sid for sid, t in self._parked.items() if t <= now]:
+                del self._parked[sid]
+                for r in self._by_uid.values():
+                    n += r.pins.pop(-sid, 0)
+            return n
 
     def swap(self, session_id: int, old: str, new: str) -> tuple[Resident, int]:
         """Makes ``new`` resident and pinned, then unpins ``old``.
@@ -244,7 +297,10 @@ class ResidencyManager:
             )
             if not victims:
                 busy = sorted(
-                    f"{r.name} ({r.state}, {r.total_pins} pins)" for r in self._by_uid.values()
+                    f"{r.name} ({r.state}, {r.total_pins} pins"
+                    + (f", {p} of a disconnected client" if (p := r.parked_pins) else "")
+                    + ")"
+                    for r in self._by_uid.values()
                 )
                 raise ModelBudgetError(
                     f"model {m.name!r} needs {m.nbytes} bytes; the DRAM budget for models "
@@ -325,6 +381,7 @@ class ResidencyManager:
                 "prefault_soaked": a.soaked if a is not None else 0,
                 "prefault_seconds": round(a.prefault_seconds, 3) if a is not None else 0.0,
                 "resident": sorted(r.name for r in self._by_uid.values()),
+                "parked_sessions": len(self._parked),
                 "loads": c.loads,
                 "load_bytes": c.load_bytes,
                 "load_seconds": round(c.load_seconds, 6),

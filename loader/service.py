@@ -11,8 +11,10 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -244,6 +246,49 @@ def servicer() -> ModelsServicer | None:
 def release_session(session_id: int) -> int:
     """Drops the model pins of a session that ended; returns how many."""
     return _servicer.manager.release_session(session_id) if _servicer is not None else 0
+
+
+def session_lost(session_id: int, pid: int) -> int:
+    """A session ended without closing (broken Watch stream, expired lease): parks its
+    model pins for ``models.pin_grace_s`` so its client can take them over when it
+    reconnects, unless its process ``pid`` is known to be gone (then they go now).
+    Returns how many pins were parked."""
+    if _servicer is None:
+        return 0
+    m = _servicer.manager
+    grace = m.config.pin_grace_s
+    if grace <= 0 or not _process_may_live(pid):
+        return 0  # the on_close hook (release_session) drops them
+    return m.park_session(session_id, time.monotonic() + grace)
+
+
+def _process_may_live(pid: int) -> bool:
+    """False only when no process ``pid`` exists here.  The pid is the client's own
+    report, from its pid namespace (a client in another container may name an
+    unrelated process here): a live one only delays the release by the grace period."""
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    try:  # a zombie (exited, not yet reaped by its parent) is gone for our purpose
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
+    except OSError:
+        return True
+
+
+def adopt_session(old: int, new: int) -> list[str]:
+    """Moves the parked model pins of session ``old`` to ``new``; returns the models."""
+    return _servicer.manager.adopt(old, new) if _servicer is not None else []
+
+
+def expire_parked() -> int:
+    """Drops parked model pins past their grace period (the daemon calls this often)."""
+    return _servicer.manager.expire_parked() if _servicer is not None else 0
 
 
 def stats() -> dict[str, Any]:

@@ -50,12 +50,14 @@ TIER_NVME: TierKind
 TIER_OTHER: TierKind
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("client_name", "client_pid")
+    __slots__ = ("client_name", "client_pid", "previous_session_id")
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
     CLIENT_PID_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     client_name: str
     client_pid: int
-    def __init__(self, client_name: _Optional[str] = ..., client_pid: _Optional[int] = ...) -> None: ...
+    previous_session_id: int
+    def __init__(self, client_name: _Optional[str] = ..., client_pid: _Optional[int] = ..., previous_session_id: _Optional[int] = ...) -> None: ...
 
 class ArenaInfo(_message.Message):
     __slots__ = ("path", "size")
@@ -66,14 +68,16 @@ class ArenaInfo(_message.Message):
     def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
-    __slots__ = ("session_id", "arena", "lease_timeout_ms")
+    __slots__ = ("session_id", "arena", "lease_timeout_ms", "adopted_models")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     ARENA_FIELD_NUMBER: _ClassVar[int]
     LEASE_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    ADOPTED_MODELS_FIELD_NUMBER: _ClassVar[int]
     session_id: int
     arena: ArenaInfo
     lease_timeout_ms: int
-    def __init__(self, session_id: _Optional[int] = ..., arena: _Optional[_Union[ArenaInfo, _Mapping]] = ..., lease_timeout_ms: _Optional[int] = ...) -> None: ...
+    adopted_models: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[int] = ..., arena: _Optional[_Union[ArenaInfo, _Mapping]] = ..., lease_timeout_ms: _Optional[int] = ..., adopted_models: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("session_id",)

@@ -31,11 +31,11 @@ KEYS = NS.block_keys(TOKS)
 def _count_opens(c: AsyncClient) -> list[int]:
     """Counts the sessions ``c`` opens from now on (each reconnect opens one)."""
     opens: list[int] = []
-    real: Callable[[], Awaitable[None]] = c._open
+    real: Callable[[int], Awaitable[None]] = c._open
 
-    async def counted() -> None:
+    async def counted(previous: int = 0) -> None:
         opens.append(1)
-        await real()
+        await real(previous)
 
     c._open = counted  # type: ignore[method-assign]
     return opens
