@@ -253,7 +253,11 @@ class Client:
         first = self.session_id
 
         def call(ch: grpc.Channel, sid: int) -> dict[str, Any]:
-            if sid != first and old not in self._models_held.held:
+            if old in self._models_held.lost or (
+                sid != first and old not in self._models_held.held
+            ):
+                # Its pin ended with an earlier session (a reconnect, by this call or
+                # another): there is nothing to swap from, just load and pin ``new``.
                 return load_model(ch, new, device, session_id=sid)
             return swap_models(ch, old, new, device, session_id=sid)
 

@@ -162,6 +162,41 @@ def test_a_swap_after_a_reconnect_within_the_grace_swaps(
         assert c.release_model("b") == 1
 
 
+@pytest.mark.parametrize("daemon", [(30.0, "2MiB")], indirect=True)
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_a_swap_after_another_call_reconnected_loads_the_new_model(
+    daemon: tuple[DaemonProc, Models], client: str
+) -> None:
+    """After a daemon restart the old pin is gone; the first call to notice (here a KV
+    lookup, as an engine's traffic would be) reconnects, and a swap from the lost
+    model then just loads and pins the new one."""
+    proc, refs = daemon
+    if client == "sync":
+        with Client(proc.socket, timeout=20.0) as c:
+            c.load_model("a")
+            proc.stop()
+            proc.start()
+            assert c.lookup([bytes(32)]).num_cached == 0  # reconnects
+            assert c.lost_models == frozenset({"a"})
+            _same(c.swap("a", "b"), refs["b"])
+            assert c.lost_models == frozenset()
+            assert _pins(proc.socket) == {"a": 0, "b": 1}
+        return
+
+    async def go() -> None:
+        c = await AsyncClient.connect(proc.socket, timeout=20.0)
+        await c.load_model("a")
+        proc.stop()
+        proc.start()
+        assert (await c.lookup([bytes(32)])).num_cached == 0
+        assert c.lost_models == frozenset({"a"})
+        _same(await c.swap("a", "b"), refs["b"])
+        assert _pins(proc.socket) == {"a": 0, "b": 1}
+        await c.close()
+
+    asyncio.run(go())
+
+
 def test_async_client_takes_its_pins_over(daemon: tuple[DaemonProc, Models]) -> None:
     proc, refs = daemon
 
