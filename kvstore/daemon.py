@@ -65,10 +65,29 @@ def build_tiers(cfg: Config) -> list[Tier]:
                 raise ConfigError(
                     f"tiers[{i}].kind: unknown tier kind {t.kind!r}; known: {', '.join(kinds)}"
                 )
-            if t.kind == "dram" and t.capacity > psutil.virtual_memory().total:
-                raise _memory_error(t, "more than this machine has")
+            prefault = t.kind == "dram" and t.options.get("prefault", True) is True
+            if t.kind == "dram":
+                vm = psutil.virtual_memory()
+                if t.capacity > vm.total:
+                    raise _memory_error(t, "more than this machine has")
+                if prefault and t.capacity > vm.available:
+                    # Touching it all would take the memory from other processes (swap,
+                    # or the OOM killer), slowly and without a word.
+                    raise _memory_error(
+                        t, "more than is available now, and it is pre-faulted at start"
+                    )
+            t0 = time.monotonic()
+            if prefault and t.capacity >= 1 << 30:
+                log.info(
+                    "tier %r: pre-faulting %s of shared memory (first touch is slow; "
+                    "options.prefault = false skips it)",
+                    t.name,
+                    _gib(t.capacity),
+                )
             try:
                 tiers.append(TIERS.get(t.kind).from_config(t, data_dir))
+                if prefault and t.capacity >= 1 << 30:
+                    log.info("tier %r: pre-faulted in %.1fs", t.name, time.monotonic() - t0)
             except OSError as exc:
                 if exc.errno == errno.ENOMEM:
                     raise _memory_error(t, exc.strerror or str(exc)) from None
@@ -357,20 +376,32 @@ def _prepare_socket(sock: Path) -> None:
                 "(choose another --socket / server.socket, or remove it yourself)"
             )
         return
+    if not _serving(sock):
+        sock.unlink()  # stale socket of a dead daemon: the only thing we ever remove
+        return
+    raise DaemonError(f"another kvstore daemon is already serving at {sock}")
+
+
+def _serving(sock: Path) -> bool:
+    """Whether something accepts connections on the Unix socket ``sock``."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.connect(str(sock))
     except OSError:
-        sock.unlink()  # stale socket of a dead daemon: the only thing we ever remove
-    else:
-        raise DaemonError(f"another kvstore daemon is already serving at {sock}")
+        return False
     finally:
         s.close()
+    return True
 
 
 async def run_daemon(cfg: Config) -> None:
     """Runs until SIGTERM/SIGINT, then shuts down gracefully."""
     tune_gc()
+    sock = Path(cfg.server.socket).expanduser()
+    if sock.is_socket() and _serving(sock):
+        # Said before the tiers are built (pre-fault, NVMe recovery): not after, as
+        # whatever the running daemon holds (its NVMe folder's lock) would fail first.
+        raise DaemonError(f"another kvstore daemon is already serving at {sock}")
     try:
         d = Daemon(cfg)
     except (ConfigError, OSError) as exc:

@@ -87,6 +87,26 @@ def test_dram_larger_than_the_machine_names_the_tier(tmp_path: Path) -> None:
         build_tiers(_dram_only(tmp_path, "100TiB"))
 
 
+def test_dram_above_available_memory_is_refused_when_pre_faulted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pre-faulting more than is available would push other processes to swap or the
+    OOM killer, slowly and silently: refused, unless the tier is not pre-faulted."""
+    import psutil
+
+    real = psutil.virtual_memory()
+    tight = real._replace(available=8 << 20)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: tight)
+    with pytest.raises(DaemonError) as exc:
+        build_tiers(_dram_only(tmp_path, "16MiB"))
+    assert "cannot allocate 16 MiB (more than is available now" in str(exc.value)
+    assert "8 MiB of memory available" in str(exc.value)
+    cfg = _dram_only(tmp_path, "16MiB")
+    cfg.tiers[0].options["prefault"] = False
+    for t in build_tiers(cfg):
+        t.close()
+
+
 def test_dram_allocation_failure_names_the_tier(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

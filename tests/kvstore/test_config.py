@@ -18,7 +18,7 @@ from kvstore.config import (
     load_config,
     parse_size,
 )
-from tests.kvstore.conftest import DaemonProc
+from tests.kvstore.conftest import SMALL, DaemonProc
 from tests.kvstore.helpers import ROOT
 
 
@@ -122,6 +122,21 @@ def test_socket_in_use_is_a_clear_error(
     assert "already serving" in capsys.readouterr().err
     assert Path(daemon.socket).is_socket()  # the running daemon's socket is left alone
     assert main(["stats", "--socket", daemon.socket]) == 0
+
+
+def test_socket_in_use_is_said_before_the_tiers_are_built(
+    make_daemon: type[DaemonProc], capsys: pytest.CaptureFixture
+) -> None:
+    """A second daemon on the first one's defaults: the clear error, not the NVMe
+    folder's lock (held by the first) that building the tiers would run into."""
+    # DRAM, and NVMe in the default <data_dir>/nvme (as the embedded defaults have it)
+    d = make_daemon(SMALL + '[[tiers]]\nname = "nvme"\nkind = "nvme"\ncapacity = "64MiB"\n')
+    d.start()
+    data = str(d.tmp / "data")
+    rc = main(["serve", "--socket", d.socket, "--dram", "64MiB", "--data-dir", data])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "another kvstore daemon is already serving at" in err and "LOCK" not in err
 
 
 def test_stats_command(daemon: DaemonProc, capsys: pytest.CaptureFixture) -> None:
