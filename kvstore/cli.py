@@ -152,6 +152,8 @@ def build_config(args: argparse.Namespace) -> Config:
         dram = next(t for t in cfg.tiers if t.kind == "dram")
         dram.capacity = parse_size(args.dram, "--dram")
     if args.no_nvme:
+        if args.nvme or args.nvme_path:
+            raise ConfigError("--no-nvme contradicts --nvme / --nvme-path: give one or the other")
         cfg.tiers = [t for t in cfg.tiers if t.kind != "nvme"]
     elif args.nvme or args.nvme_path:
         old = next((t for t in cfg.tiers if t.kind == "nvme"), None)

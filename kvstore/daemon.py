@@ -110,7 +110,9 @@ def _memory_error(t: TierConfig, why: str) -> DaemonError:
 
 
 def _gib(n: int) -> str:
-    return f"{n / (1 << 30):,.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):,.0f} MiB"
+    if n >= 1 << 30:
+        return f"{n / (1 << 30):,.1f} GiB"
+    return f"{n / (1 << 20):,.0f} MiB" if n >= 1 << 20 else f"{n / 1024:,.0f} KiB"
 
 
 def _models_stats() -> dict[str, Any]:
@@ -258,7 +260,7 @@ class Daemon:
             "kvstore serving on unix:%s%s; tiers: %s",
             sock,
             f" and {scfg.tcp}" if scfg.tcp else "",
-            ", ".join(f"{t.name}({t.kind}, {t.capacity_bytes >> 20} MiB)" for t in self.tiers),
+            ", ".join(f"{t.name}({t.kind}, {_gib(t.capacity_bytes)})" for t in self.tiers),
         )
 
     async def _reap_loop(self) -> None:

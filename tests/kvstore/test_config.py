@@ -47,6 +47,9 @@ def test_nvme_flags(tmp_path: Path) -> None:
     assert [k for k, _, _ in cfg("--no-nvme")] == ["dram"]
     kinds = cfg("--nvme", "2GiB", "--nvme-path", str(tmp_path))
     assert kinds[1] == ("nvme", 2 << 30, {"path": str(tmp_path)})
+    for extra in (("--nvme", "1GiB"), ("--nvme-path", str(tmp_path))):
+        with pytest.raises(ConfigError, match="--no-nvme contradicts --nvme / --nvme-path"):
+            cfg("--no-nvme", *extra)
 
 
 @pytest.mark.parametrize(
