@@ -7,6 +7,7 @@ while the daemon serves.  ``python -m loader.cli models ...`` runs it standalone
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Callable
@@ -95,16 +96,26 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("models", help="manage stored model weights")
     p.add_argument("--data-dir", help="data directory (default: the config's data_dir)")
     p.add_argument("--config", help="TOML config file (for data_dir)")
+    # The same two options after the subcommand (`models add NAME PATH --data-dir D`):
+    # SUPPRESS keeps a value given before it when they are not repeated.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--data-dir", default=argparse.SUPPRESS, help="data directory (as before the command)"
+    )
+    common.add_argument(
+        "--config", default=argparse.SUPPRESS, help="TOML config file (for data_dir)"
+    )
     sub = p.add_subparsers(dest="models_cmd", required=True)
-    a = sub.add_parser("add", help="ingest safetensors (file, folder of shards, or index.json)")
+    add_parser = functools.partial(sub.add_parser, parents=[common])
+    a = add_parser("add", help="ingest safetensors (file, folder of shards, or index.json)")
     a.add_argument("name")
     a.add_argument("path")
     a.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     a.set_defaults(func=_guarded(cmd_add))
-    ls = sub.add_parser("ls", help="list stored models")
+    ls = add_parser("ls", help="list stored models")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=_guarded(cmd_ls))
-    rm = sub.add_parser("rm", help="remove models")
+    rm = add_parser("rm", help="remove models")
     rm.add_argument("names", nargs="+")
     rm.set_defaults(func=_guarded(cmd_rm))
 

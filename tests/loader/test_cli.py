@@ -24,6 +24,14 @@ def test_add_ls_rm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models", "--data-dir", d, "rm", "llama"]) == 0
     assert main(["models", "--data-dir", d, "ls"]) == 0
     assert "no models" in capsys.readouterr().out
+    # --data-dir also after the subcommand, as people type it
+    assert main(["models", "add", "-q", "qwen", str(src), "--data-dir", d]) == 0
+    assert "added qwen" in capsys.readouterr().out
+    assert main(["models", "ls", "--json", "--data-dir", d]) == 0
+    assert [m["name"] for m in json.loads(capsys.readouterr().out)] == ["qwen"]
+    assert main(["models", "--data-dir", str(tmp_path / "other"), "ls", "--data-dir", d]) == 0
+    assert "qwen" in capsys.readouterr().out  # the later one wins
+    assert main(["models", "rm", "qwen", "--data-dir", d]) == 0
 
 
 def test_errors_are_messages_not_tracebacks(
