@@ -6,7 +6,8 @@
 # Writes into OUTDIR: gpu_check.log (this script's own log), one <stage>.log per
 # stage, stages.txt (stage name and exit code), tests.xml (JUnit) and
 # gpu_bench.json (figures).  Each stage has its own time limit and a failing
-# stage does not stop the next; the limits add up to 8 minutes.
+# stage does not stop the next; the limits add up to 8 minutes.  Exits 1 if a
+# stage other than env/wheels failed.
 # Wheels the machine lacks (lmdb, zstandard, kvikio...) are installed from .whl/
 # at the repository root when present (bench/fetch_gpu_wheels.sh downloads them).
 set -u
@@ -15,7 +16,10 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-PY=${PYTHON:-python3}
+# The project's venv when there is one (as the README's commands use), else python3.
+if [[ -n ${PYTHON:-} ]]; then PY=$PYTHON
+elif [[ -x .venv/bin/python ]]; then PY=$ROOT/.venv/bin/python
+else PY=python3; fi
 export PYTHONUNBUFFERED=1
 START=$SECONDS
 : > "$OUT/stages.txt"
@@ -66,3 +70,9 @@ stage bench 170 "$PY" -m bench.gpu_bench --out "$OUT/gpu_bench.json" --data-dir 
 rm -rf "$ROOT/.bench_tmp"
 
 log "done in $((SECONDS - START))s; stages: $(tr '\n' ' ' <"$OUT/stages.txt")"
+# Exit status: 1 when a stage that checks something failed (env and wheels only report).
+failed=$(awk '$1 != "env" && $1 != "wheels" && $2 != 0 {print $1}' "$OUT/stages.txt" | tr '\n' ' ')
+if [[ -n $failed ]]; then
+    log "FAILED stages: $failed(see their .log files in $OUT)"
+    exit 1
+fi
