@@ -1,4 +1,4 @@
-"""Where a cold model load's time goes, against the disk's raw direct read (issue #5).
+"""Where a cold model load's time goes, against the disk's raw direct read.
 
 ``python -m bench.load_gap [--model-bytes 1GiB] [--rounds 5] [--json]``
 

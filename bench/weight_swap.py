@@ -490,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     if chart_to := chart_path(args):
         res["chart"] = chart(res, Path(chart_to))
     log(table(res))
+    if res.get("chart"):
+        log(f"chart: {res['chart']}")
     if args.json:
         print(json.dumps(res, indent=2, default=str))
     return 0
