@@ -264,6 +264,15 @@ def format_stats(st: dict[str, Any]) -> str:
         f"promotions {c['promotions']}  demotions {c['demotions']}  dropped {c['dropped']}  "
         f"checksum failures {c['checksum_failures']}  io errors {c['io_errors']}"
     )
+    m = st.get("models") or {}
+    if m:
+        resident = ", ".join(m.get("resident", [])) or "none"
+        lines.append(
+            f"models DRAM {_mib(m['dram_used'])} / {_mib(m['dram_budget'])}  "
+            f"resident: {resident}  loads {m['loads']}  hits {m['hits']}  "
+            f"evictions {m['evictions']}"
+            + (f"  parked sessions {m['parked_sessions']}" if m.get("parked_sessions") else "")
+        )
     return "\n".join(lines)
 
 

@@ -81,6 +81,10 @@ def test_models_through_the_daemon(daemon: tuple[DaemonProc, Models]) -> None:
         with pytest.raises(KVStoreError, match="'nope'"):
             c.swap("nope", "a")
         assert mclient.list_models(ch)[0]["pins"] == 1
+        from kvstore.cli import format_stats
+
+        text = format_stats(c.stats())  # `kvstore stats` shows the models too
+        assert "models DRAM" in text and "resident: a " in text and "loads 1" in text, text
         c.close()
         assert mclient.list_models(ch)[0]["pins"] == 0  # the session's pins went with it
 
