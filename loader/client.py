@@ -153,16 +153,18 @@ def open_steps(name: str, session_id: int, pin: bool, populate: bool | None) -> 
     if loading:
         first = resp
         resp = yield pb.LoadModelRequest(session_id=session_id, name=name, no_pin=True)
-        if (resp.uid, resp.shm_path, resp.shm_offset) != (
-            first.uid,
-            first.shm_path,
-            first.shm_offset,
-        ):
+        where = (first.uid, first.shm_path, first.shm_offset)
+        moved = (resp.uid, resp.shm_path, resp.shm_offset) != where
+        if moved or not resp.was_resident:
             # The first load failed (its pin went with it) and this call loaded it
-            # again, or the model was re-registered meanwhile: pin the new one.
+            # again (perhaps into the same extent: then it did not find the model
+            # resident when it came), or the model was re-registered meanwhile: pin
+            # the new one.
             if pin:
                 resp = yield pb.LoadModelRequest(session_id=session_id, name=name)
-            tensors = tensors_from_response(resp, fill)
+                moved = (resp.uid, resp.shm_path, resp.shm_offset) != where
+            if moved:
+                tensors = tensors_from_response(resp, fill)
     return LoadedModel(tensors, resp)
 
 

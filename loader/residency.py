@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -114,8 +115,8 @@ class ResidencyManager:
         self.policy = POLICIES.get(config.policy)(capacity_blocks=64)
         self.counters = ResidencyCounters()
         self._by_uid: dict[str, Resident] = {}
-        # session id -> time.monotonic() deadline of its parked pins
-        self._parked: dict[int, float] = {}
+        # session id -> (time.monotonic() deadline of its parked pins, client pid)
+        self._parked: dict[int, tuple[float, int]] = {}
         self._lock = threading.Lock()
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="loader-load")
         self._closed = False
@@ -165,9 +166,12 @@ class ResidencyManager:
         """Drops every pin ``session_id`` holds on ``name``; returns how many."""
         with self._lock:
             n = 0
+            unpinned = []
             for r in self._by_uid.values():
-                if r.name == name:
-                    n += r.pins.pop(session_id, 0)
+                if r.name == name and (k := r.pins.pop(session_id, 0)):
+                    n += k
+                    unpinned.append(r)
+            self._drop_removed(unpinned)
             return n
 
     def pins(self, name: str, session_id: int) -> int:
@@ -178,11 +182,19 @@ class ResidencyManager:
     def release_session(self, session_id: int) -> int:
         """Drops every pin of a session (call when the session closes or dies)."""
         with self._lock:
-            return sum(r.pins.pop(session_id, 0) for r in self._by_uid.values())
+            n = 0
+            unpinned = []
+            for r in self._by_uid.values():
+                if k := r.pins.pop(session_id, 0):
+                    n += k
+                    unpinned.append(r)
+            self._drop_removed(unpinned)
+            return n
 
-    def park_session(self, session_id: int, until: float) -> int:
+    def park_session(self, session_id: int, until: float, pid: int = 0) -> int:
         """Keeps the pins of a session that ended without closing until ``until``
-        (``time.monotonic()``) for :meth:`adopt`; returns how many were kept."""
+        (``time.monotonic()``) for :meth:`adopt`; ``pid``: its client's process, for
+        :meth:`expire_parked` to look at.  Returns how many were kept."""
         with self._lock:
             n = 0
             for r in self._by_uid.values():
@@ -191,7 +203,7 @@ class ResidencyManager:
                     r.pins[-session_id] = r.pins.get(-session_id, 0) + k
                     n += k
             if n:
-                self._parked[session_id] = until
+                self._parked[session_id] = (until, pid)
             return n
 
     def adopt(self, old: int, new: int) -> list[str]:
@@ -209,15 +221,29 @@ class ResidencyManager:
                     names.add(r.name)
             return sorted(names)
 
-    def expire_parked(self, now: float | None = None) -> int:
-        """Drops parked pins whose deadline passed; returns how many."""
+    def expire_parked(
+        self, now: float | None = None, alive: Callable[[int], bool] | None = None
+    ) -> int:
+        """Drops parked pins whose deadline passed, or whose client process is gone
+        by now (``alive(pid)`` False: a client that died is seen closing its
+        connection while it still exits, so a first look may find it alive).
+        Returns how many."""
         now = time.monotonic() if now is None else now
         with self._lock:
+            gone = [
+                sid
+                for sid, (until, pid) in self._parked.items()
+                if until <= now or (alive is not None and not alive(pid))
+            ]
             n = 0
-            for sid in [sid for sid, t in self._parked.items() if t <= now]:
+            unpinned = []
+            for sid in gone:
                 del self._parked[sid]
                 for r in self._by_uid.values():
-                    n += r.pins.pop(-sid, 0)
+                    if k := r.pins.pop(-sid, 0):
+                        n += k
+                        unpinned.append(r)
+            self._drop_removed(unpinned)
             return n
 
     def swap(self, session_id: int, old: str, new: str) -> tuple[Resident, int]:
@@ -243,17 +269,21 @@ class ResidencyManager:
         return r, released
 
     def evict(self, name: str) -> bool:
-        """Drops ``name`` from the arena now if it is resident and unpinned."""
+        """Drops ``name`` from the arena now if it is resident and unpinned (also a
+        copy of an earlier model of that name, removed from the store since)."""
         with self._lock:
+            dropped = False
             for r in list(self._by_uid.values()):
                 if r.name == name and r.state == READY and not r.pins:
                     self._drop(r)
-                    return True
-            return False
+                    dropped = True
+            return dropped
 
     def resident(self, name: str) -> Resident | None:
         with self._lock:
-            for r in self._by_uid.values():
+            # The newest: a copy of a model of that name removed from the store since
+            # (kept while pinned) came before the one registered now.
+            for r in reversed(self._by_uid.values()):
                 if r.name == name and r.state != FAILED:
                     return r
             return None
@@ -311,6 +341,21 @@ class ResidencyManager:
             self.counters.evictions += 1
         return off
 
+    def _drop_removed(self, residents: list[Resident]) -> None:
+        """Drops those of ``residents`` that are ready and unpinned and whose model was
+        removed from the store (``kvstore models rm``, perhaps added again since):
+        nobody can load them again, so their extent goes now rather than waiting for
+        eviction (under ``self._lock``)."""
+        for r in residents:
+            if r.state != READY or r.pins or self._by_uid.get(r.manifest.uid) is not r:
+                continue
+            try:
+                current = self.store.find(r.name)
+            except ModelStoreError:  # the store is closing: leave it to close()
+                return
+            if current is None or current.uid != r.manifest.uid:
+                self._drop(r)
+
     def _drop(self, r: Resident) -> None:
         self.policy.on_remove(cast("BlockEntry", r))
         self._by_uid.pop(r.manifest.uid, None)
@@ -350,20 +395,23 @@ class ResidencyManager:
     # ------------------------------------------------------------------ status
     def models(self) -> list[dict[str, Any]]:
         """Every registered model with its residency state."""
+        registered = self.store.list_models()
         with self._lock:
-            by_name = {r.name: r for r in self._by_uid.values()}
+            by_uid = dict(self._by_uid)
+            # Copies of models removed from the store that nobody pins any more.
+            uids = {m.uid for m in registered}
+            self._drop_removed([r for r in by_uid.values() if r.manifest.uid not in uids])
         out = []
-        for m in self.store.list_models():
-            r = by_name.get(m.name)
-            live = r is not None and r.manifest.uid == m.uid
+        for m in registered:
+            r = by_uid.get(m.uid)
             out.append(
                 {
                     "name": m.name,
                     "nbytes": m.nbytes,
                     "tensor_bytes": m.tensor_bytes,
                     "num_tensors": len(m.tensors),
-                    "state": r.state if (r is not None and live) else "stored",
-                    "pins": r.total_pins if (r is not None and live) else 0,
+                    "state": r.state if r is not None else "stored",
+                    "pins": r.total_pins if r is not None else 0,
                     "source": m.source,
                     "created": m.created,
                 }

@@ -77,7 +77,26 @@ class ModelsServicer(pb_grpc.ModelsServicer):
             return await self._run(context, fn)
         if not known(sid):
             await context.abort(grpc.StatusCode.NOT_FOUND, _unknown_session(sid))
-        out = await self._run(context, fn)
+
+        def settle(done: asyncio.Future[T]) -> None:
+            # On the event loop, where sessions end, once ``fn`` has returned: a pin
+            # it took after the session ended (its pins were dropped then) goes now.
+            # Also when this call was cancelled meanwhile (a client that dies while
+            # its call runs cancels it as its session ends): the worker thread runs
+            # ``fn`` to the end regardless, and nobody else would drop that pin.
+            if not done.cancelled():
+                done.exception()  # retrieved (a cancelled call never awaits it)
+            if not known(sid):
+                self.manager.release_session(sid)
+
+        work = asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        work.add_done_callback(settle)
+        try:
+            # Shielded: cancelling this call must not hide when ``fn`` really ends.
+            out = await asyncio.shield(work)
+        except ModelError as exc:
+            await context.abort(exc.code, str(exc))
+            raise AssertionError("unreachable") from exc  # abort raises
         if not known(sid):
             self.manager.release_session(sid)
             await context.abort(grpc.StatusCode.NOT_FOUND, _unknown_session(sid))
@@ -259,7 +278,9 @@ def session_lost(session_id: int, pid: int) -> int:
     grace = m.config.pin_grace_s
     if grace <= 0 or not _process_may_live(pid):
         return 0  # the on_close hook (release_session) drops them
-    return m.park_session(session_id, time.monotonic() + grace)
+    # A killed client's socket closes while its process is still exiting: it may look
+    # alive here and be gone a moment later; expire_parked looks again.
+    return m.park_session(session_id, time.monotonic() + grace, pid)
 
 
 def _process_may_live(pid: int) -> bool:
@@ -287,8 +308,11 @@ def adopt_session(old: int, new: int) -> list[str]:
 
 
 def expire_parked() -> int:
-    """Drops parked model pins past their grace period (the daemon calls this often)."""
-    return _servicer.manager.expire_parked() if _servicer is not None else 0
+    """Drops parked model pins past their grace period, and those of clients whose
+    process is gone by now (the daemon calls this often)."""
+    if _servicer is None:
+        return 0
+    return _servicer.manager.expire_parked(alive=_process_may_live)
 
 
 def stats() -> dict[str, Any]:

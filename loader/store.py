@@ -177,12 +177,19 @@ class ModelStore:
 
     def get(self, name: str) -> Manifest:
         """The manifest of ``name``.  Raises ModelNotFoundError."""
+        manifest = self.find(name)
+        if manifest is None:
+            known = ", ".join(m.name for m in self.list_models()) or "none"
+            raise ModelNotFoundError(f"no model named {name!r} (registered: {known})")
+        return manifest
+
+    def find(self, name: str) -> Manifest | None:
+        """The manifest of ``name``, or None when no model of that name is registered."""
         with self.env.begin() as txn:
             raw = txn.get(_KEY_PREFIX + name.encode())
         if raw is None:
             self._parsed.pop(name, None)
-            known = ", ".join(m.name for m in self.list_models()) or "none"
-            raise ModelNotFoundError(f"no model named {name!r} (registered: {known})")
+            return None
         # The daemon asks on every load and swap; a large model's manifest takes
         # milliseconds to parse, so the last parse is kept while the stored bytes
         # are the same (another process may remove and add the name meanwhile).
@@ -339,8 +346,9 @@ class ModelStore:
     def remove(self, name: str) -> Manifest:
         """Unregisters ``name`` and deletes its data file.  Raises ModelNotFoundError.
 
-        A daemon that holds the model resident keeps serving its copy until it is
-        evicted (the copy is in memory; an open read keeps the unlinked file alive).
+        A daemon that holds the model resident keeps its copy, unchanged, while
+        clients pin it (the copy is in memory; an open read keeps the unlinked file
+        alive), and frees it when the last pin goes; new loads of ``name`` fail.
         """
         with self.env.begin(write=True) as txn:
             raw = txn.pop(_KEY_PREFIX + name.encode())
