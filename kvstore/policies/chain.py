@@ -59,6 +59,13 @@ SPLIT_MARGIN = 1.0
 """Plain LRU is chosen when its estimated hits exceed this share of the best split's."""
 
 _WIN, _MAIN = 0, 1
+_BINS = (HISTORY_FACTOR + 1) * SPLITS
+"""Buckets of each reuse-distance histogram (of ``capacity // SPLITS`` ticks each)."""
+
+Meta = tuple[int, int, int, int]
+"""A block's metadata: (segment, reference count, segment clock and global clock at
+its last reference).  A tuple, built anew at each reference: cheaper to create than
+a list, and the history holds it as is once the block leaves."""
 
 
 @POLICIES.register("chain")
@@ -70,16 +77,13 @@ class ChainPolicy(EvictionPolicy):
 
     def __init__(self, capacity_blocks: int) -> None:
         super().__init__(capacity_blocks)
-        # The two segments, LRU order, map entry -> its metadata: [segment, reference
-        # count, segment clock and global clock at last reference].
-        self._segs: tuple[
-            OrderedDict[BlockEntry, list[int]], OrderedDict[BlockEntry, list[int]]
-        ] = (
+        # The two segments, LRU order, map entry -> its metadata (see ``Meta``).
+        self._segs: tuple[OrderedDict[BlockEntry, Meta], OrderedDict[BlockEntry, Meta]] = (
             OrderedDict(),
             OrderedDict(),
         )
-        # key -> the departed entry's metadata (the same list)
-        self._history: OrderedDict[bytes, list[int]] = OrderedDict()
+        # key -> the departed entry's metadata (the same tuple)
+        self._history: OrderedDict[bytes, Meta] = OrderedDict()
         self._clock = [0, 0]
         self._now = 0
         self._refs = 0
@@ -90,49 +94,15 @@ class ChainPolicy(EvictionPolicy):
         """Size the distance histograms, window and history for ``cap`` blocks."""
         self.capacity_blocks = cap
         self._width = max(1, cap // SPLITS)
-        nb = (HISTORY_FACTOR + 1) * SPLITS
         # Reuse-distance histograms: window clock, main clock, global clock.
-        self._dist = ([0.0] * nb, [0.0] * nb, [0.0] * nb)
+        self._dist = ([0.0] * _BINS, [0.0] * _BINS, [0.0] * _BINS)
         self._window = max(1, int(cap * MIN_WINDOW_FRACTION))
         self._period = max(SPLITS, cap // 2)
         self._hist_limit = HISTORY_FACTOR * cap
         self._lru_mode = False
-
-    def _record(self, seg: int, last: int, glast: int) -> None:
-        """A reuse after ``clock - last`` ticks of segment ``seg`` (and ``now - glast``
-        references in all: the distance a plain LRU of the tier would have seen)."""
-        w = self._width
-        b = (self._clock[seg] - last) // w
-        d = self._dist[seg]
-        if b < len(d):
-            d[b] += 1.0
-        b = (self._now - glast) // w
-        d = self._dist[2]
-        if b < len(d):
-            d[b] += 1.0
-
-    def _place(self, entry: BlockEntry, m: list[int]) -> None:
-        """Puts ``entry`` (metadata ``m``, count updated) at the hot end of its
-        segment.  Inlined in :meth:`on_insert_many`: keep the two alike."""
-        # With the whole tier as window (reuses all within the tier's reach) the
-        # policy is plain LRU: nothing is promoted and main drains.
-        children = entry.children  # n_children without the property call (hot path)
-        if self._lru_mode or (m[1] <= 1 and (not children or len(children) < 2)):
-            s = _WIN
-        else:
-            s = _MAIN
-        clock = self._clock
-        now = self._now
-        m[0] = s
-        m[2] = clock[s]
-        m[3] = now
-        clock[s] += 1
-        self._now = now + 1
-        self._segs[s][entry] = m
-        refs = self._refs = self._refs + 1
-        if refs >= self._period:
-            self._refs = 0
-            self._resize()
+        # ``cap`` is off (to be learnt again) when the tier holds fewer than half or
+        # more than twice as many blocks: ``2 * held < cap or held > 2 * cap``.
+        self._held_min, self._held_max = (cap + 1) // 2, 2 * cap
 
     def _resize(self) -> None:
         """Window size := the split whose two LRU segments would have hit most."""
@@ -167,29 +137,49 @@ class ChainPolicy(EvictionPolicy):
         self.on_insert_many((entry,))
 
     def on_insert_many(self, entries: Iterable[BlockEntry]) -> None:
-        # One loop for a whole committed chain: _place inlined, the policy's state in
-        # locals (written back before _record and _resize, which read it).
+        # One loop for a whole committed chain (once per inserted block: the hot path),
+        # the policy's state in locals, written back at the end (_resize reads none of
+        # it; it decays the histograms in place).
         hpop = self._history.pop
         win, main = self._segs
         clock = self._clock
         cw, cm = clock
         now, refs, period, lru = self._now, self._refs, self._period, self._lru_mode
+        width = self._width
+        dist_w, dist_m, dist_g = self._dist
         for entry in entries:
             past = hpop(entry.key, None)
             if past is None:
-                count = 1
-            else:  # it was here before: its reuse distance, then its count goes on
-                count = past[1] + 1
-                self._now = now
-                clock[0], clock[1] = cw, cm
-                self._record(past[0], past[2], past[3])
-            children = entry.children
-            if lru or (count <= 1 and (not children or len(children) < 2)):
-                win[entry] = [_WIN, count, cw, now]
-                cw += 1
+                # A first reference (count 1): the window, unless it is a branch point.
+                children = entry.children
+                if lru or not children or len(children) < 2:
+                    win[entry] = (_WIN, 1, cw, now)
+                    cw += 1
+                else:
+                    main[entry] = (_MAIN, 1, cm, now)
+                    cm += 1
             else:
-                main[entry] = [_MAIN, count, cm, now]
-                cm += 1
+                # It was here before: a reuse, as in on_access (keep the two alike).
+                # With the whole tier as window (reuses all within the tier's reach)
+                # the policy is plain LRU: nothing is promoted and main drains.
+                seg, count, last, glast = past
+                if seg == _WIN:
+                    b = (cw - last) // width
+                    if b < _BINS:
+                        dist_w[b] += 1.0
+                else:
+                    b = (cm - last) // width
+                    if b < _BINS:
+                        dist_m[b] += 1.0
+                b = (now - glast) // width
+                if b < _BINS:
+                    dist_g[b] += 1.0
+                if lru:
+                    win[entry] = (_WIN, count + 1, cw, now)
+                    cw += 1
+                else:
+                    main[entry] = (_MAIN, count + 1, cm, now)
+                    cm += 1
             now += 1
             refs += 1
             if refs >= period:
@@ -201,35 +191,51 @@ class ChainPolicy(EvictionPolicy):
 
     def on_access(self, entry: BlockEntry) -> None:
         win, main = self._segs
-        m = win.pop(entry, None)
+        # (A metadata tuple is never empty, so never false.)
+        m = win.pop(entry, None) or main.pop(entry, None)
         if m is None:
-            m = main.pop(entry, None)
-            if m is None:
-                return
-        self._record(m[0], m[2], m[3])
-        m[1] += 1
-        self._place(entry, m)
+            return
+        # A reuse: as for a block that comes back from the history in on_insert_many
+        # (keep the two alike), its reuse distance in its segment's clock and in the
+        # global clock (what a plain LRU of the tier would have seen), then its count
+        # goes on: two or more, so main, unless the policy is plain LRU.
+        seg, count, last, glast = m
+        clock, now, width = self._clock, self._now, self._width
+        b = (clock[seg] - last) // width
+        if b < _BINS:
+            self._dist[seg][b] += 1.0
+        b = (now - glast) // width
+        if b < _BINS:
+            self._dist[2][b] += 1.0
+        s = _WIN if self._lru_mode else _MAIN
+        self._segs[s][entry] = (s, count + 1, clock[s], now)
+        clock[s] += 1
+        self._now = now + 1
+        refs = self._refs = self._refs + 1
+        if refs >= self._period:
+            self._refs = 0
+            self._resize()
 
     def on_remove(self, entry: BlockEntry) -> None:
+        # Once per evicted block: the segments' pops and the history without helpers.
         win, main = self._segs
-        m = win.pop(entry, None)
+        m = win.pop(entry, None) or main.pop(entry, None)
         if m is None:
-            m = main.pop(entry, None)
-            if m is None:
-                return
+            return
         hist = self._history
-        hist[entry.key] = m  # the list itself: nothing else holds it now
+        hist[entry.key] = m
         if len(hist) > self._hist_limit:
-            hist.popitem(last=False)
+            hist.popitem(False)  # the oldest (``last=False``: positional is cheaper)
 
     def _cold_ends(
         self,
-    ) -> tuple[OrderedDict[BlockEntry, list[int]], OrderedDict[BlockEntry, list[int]]]:
+    ) -> tuple[OrderedDict[BlockEntry, Meta], OrderedDict[BlockEntry, Meta]]:
         """The segment to evict from first and the other one (rescaling the split
-        when the tier's observed capacity moved: ``observed_capacity`` inlined)."""
+        when the tier's observed capacity moved: ``observed_capacity`` inlined).
+        Inlined in :meth:`stream_victims`: keep the two alike."""
         win, main = self._segs
-        held, cap = len(win) + len(main), self.capacity_blocks
-        if 2 * held < cap or held > 2 * cap:
+        held = len(win) + len(main)
+        if held < self._held_min or held > self._held_max:
             self._rescale(max(1, held))
         if self._lru_mode and main and win:
             # LRU mode: the older of the two cold ends goes first.
@@ -263,14 +269,29 @@ class ChainPolicy(EvictionPolicy):
         # victims(1, ...) as a generator: with n = 1 it names the first evictable
         # entry of ``first`` (within SCAN_LIMIT), else of ``second``, else of ``first``.
         win, main = self._segs
-        while win or main:
-            first, second = self._cold_ends()
+        while True:
+            # _cold_ends() inlined: this runs once per evicted block.
+            nw, nm = len(win), len(main)
+            held = nw + nm
+            if held < self._held_min or held > self._held_max:  # also when empty
+                if not held:
+                    return
+                self._rescale(held)
+            if self._lru_mode and nm and nw:
+                # LRU mode: the older of the two cold ends goes first.
+                older = main[next(iter(main))][3] < win[next(iter(win))][3]
+                first = main if older else win
+            elif nw > self._window or not nm:
+                first = win
+            else:
+                first = main
             head = next(iter(first))
             if evictable(head):  # the common case: the cold end itself
                 yield head
                 continue
             v = first_victim(first, evictable, SCAN_LIMIT)
             if v is None:
+                second = main if first is win else win
                 v = first_victim(second, evictable) or first_victim(first, evictable)
                 if v is None:
                     return
