@@ -152,14 +152,20 @@ def open_steps(name: str, session_id: int, pin: bool, populate: bool | None) -> 
     tensors = tensors_from_response(resp, fill)
     if loading:
         first = resp
-        resp = yield pb.LoadModelRequest(session_id=session_id, name=name, no_pin=True)
+        # Waits for that load (a failure raises here: its error, not a second load).
+        resp = yield pb.LoadModelRequest(
+            session_id=session_id, name=name, no_pin=True, wait_load_id=first.load_id
+        )
         where = (first.uid, first.shm_path, first.shm_offset)
         moved = (resp.uid, resp.shm_path, resp.shm_offset) != where
-        if moved or not resp.was_resident:
-            # The first load failed (its pin went with it) and this call loaded it
-            # again (perhaps into the same extent: then it did not find the model
-            # resident when it came), or the model was re-registered meanwhile: pin
-            # the new one.
+        if first.load_id:
+            reloaded = resp.load_id != first.load_id
+        else:  # a daemon without load ids: it may have loaded the model again
+            reloaded = moved or not resp.was_resident
+        if reloaded:
+            # The first load is gone (unpinned and evicted; or, with a daemon without
+            # load ids, failed with its pin), this call loaded it again, perhaps into
+            # the same extent, or the model was re-registered meanwhile: pin the new one.
             if pin:
                 resp = yield pb.LoadModelRequest(session_id=session_id, name=name)
                 moved = (resp.uid, resp.shm_path, resp.shm_offset) != where

@@ -24,6 +24,9 @@ at a time on the manager's loader thread (they share the read ring).
 
 from __future__ import annotations
 
+import collections
+import itertools
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -59,6 +62,7 @@ class Resident:
     hits: int = 0
     last_access: float = 0.0
     nbytes: int = 0
+    load_id: int = 0  # this copy's load (unique in the daemon's life; 0: none yet)
 
     @property
     def name(self) -> str:
@@ -115,6 +119,11 @@ class ResidencyManager:
         self.policy = POLICIES.get(config.policy)(capacity_blocks=64)
         self.counters = ResidencyCounters()
         self._by_uid: dict[str, Resident] = {}
+        # Ids of loads start at random, as session ids do: a client's id from before a
+        # restart must not name another load.  Failed loads are remembered (bounded) so
+        # the client's call that waits for one gets its error instead of a new load.
+        self._load_ids = itertools.count(secrets.randbelow(1 << 47) + 1)
+        self._failed: collections.OrderedDict[int, Resident] = collections.OrderedDict()
         # session id -> (time.monotonic() deadline of its parked pins, client pid)
         self._parked: dict[int, tuple[float, int]] = {}
         self._lock = threading.Lock()
@@ -139,7 +148,12 @@ class ResidencyManager:
 
     # ------------------------------------------------------------------ verbs
     def acquire(
-        self, name: str, session_id: int = 0, pin: bool = True, wait: bool = True
+        self,
+        name: str,
+        session_id: int = 0,
+        pin: bool = True,
+        wait: bool = True,
+        load_id: int = 0,
     ) -> Resident:
         """Makes ``name`` resident (loading it if needed), optionally pins it, waits.
 
@@ -150,7 +164,9 @@ class ResidencyManager:
             ModelNotFoundError, ModelBudgetError, ModelChecksumError, ModelStoreError.
         """
         manifest = self.store.get(name)
-        r = self._ensure(manifest, session_id if pin else None)
+        r = self._load_of(load_id, manifest, session_id if pin else None) if load_id else None
+        if r is None:
+            r = self._ensure(manifest, session_id if pin else None)
         if not wait:
             return r
         r.done.wait()
@@ -302,7 +318,12 @@ class ResidencyManager:
                 r = None
             if r is None:
                 offset = self._allocate(manifest)
-                r = Resident(manifest=manifest, offset=offset, nbytes=manifest.nbytes)
+                r = Resident(
+                    manifest=manifest,
+                    offset=offset,
+                    nbytes=manifest.nbytes,
+                    load_id=next(self._load_ids),
+                )
                 self._by_uid[manifest.uid] = r
                 self.policy.on_insert(cast("BlockEntry", r))
                 self._loader.submit(self._load, r)
@@ -314,6 +335,19 @@ class ResidencyManager:
             if pin_session is not None:
                 r.pins[pin_session] = r.pins.get(pin_session, 0) + 1
             return r
+
+    def _load_of(self, load_id: int, m: Manifest, pin_session: int | None) -> Resident | None:
+        """The copy of ``m`` that load ``load_id`` made, still resident or failed
+        (pinned for ``pin_session`` if resident); None when it is gone."""
+        with self._lock:
+            r = self._failed.get(load_id)
+            if r is None:
+                r = self._by_uid.get(m.uid)
+                if r is None or r.load_id != load_id or r.state == FAILED:
+                    return None
+                if pin_session is not None:
+                    r.pins[pin_session] = r.pins.get(pin_session, 0) + 1
+            return r if r.manifest.uid == m.uid else None
 
     def _allocate(self, m: Manifest) -> int:
         if m.nbytes > self.arena.size:
@@ -386,6 +420,9 @@ class ResidencyManager:
             with self._lock:
                 r.state, r.error = FAILED, err
                 self.counters.failures += 1
+                self._failed[r.load_id] = r
+                if len(self._failed) > 64:
+                    self._failed.popitem(last=False)
                 if self._by_uid.get(m.uid) is r:
                     self._drop(r)
         finally:

@@ -131,12 +131,17 @@ class ModelsServicer(pb_grpc.ModelsServicer):
             load_seconds=r.load_seconds,
             direct_io=bool(r.read and r.read.direct),
             state=r.state,
+            load_id=r.load_id,
         )
 
     def _acquire(self, request: pb.LoadModelRequest) -> pb.LoadModelResponse:
         before = self.manager.resident(request.name)
         r = self.manager.acquire(
-            request.name, request.session_id, pin=not request.no_pin, wait=not request.no_wait
+            request.name,
+            request.session_id,
+            pin=not request.no_pin,
+            wait=not request.no_wait,
+            load_id=request.wait_load_id,
         )
         return self._response(r, before is r)
 

@@ -322,19 +322,21 @@ class ModelTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
-    __slots__ = ("session_id", "name", "no_pin", "no_wait")
+    __slots__ = ("session_id", "name", "no_pin", "no_wait", "wait_load_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     NO_PIN_FIELD_NUMBER: _ClassVar[int]
     NO_WAIT_FIELD_NUMBER: _ClassVar[int]
+    WAIT_LOAD_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: int
     name: str
     no_pin: bool
     no_wait: bool
-    def __init__(self, session_id: _Optional[int] = ..., name: _Optional[str] = ..., no_pin: _Optional[bool] = ..., no_wait: _Optional[bool] = ...) -> None: ...
+    wait_load_id: int
+    def __init__(self, session_id: _Optional[int] = ..., name: _Optional[str] = ..., no_pin: _Optional[bool] = ..., no_wait: _Optional[bool] = ..., wait_load_id: _Optional[int] = ...) -> None: ...
 
 class LoadModelResponse(_message.Message):
-    __slots__ = ("name", "uid", "shm_path", "shm_offset", "nbytes", "tensors", "was_resident", "load_seconds", "direct_io", "state")
+    __slots__ = ("name", "uid", "shm_path", "shm_offset", "nbytes", "tensors", "was_resident", "load_seconds", "direct_io", "state", "load_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
     UID_FIELD_NUMBER: _ClassVar[int]
     SHM_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -345,6 +347,7 @@ class LoadModelResponse(_message.Message):
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DIRECT_IO_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    LOAD_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     uid: str
     shm_path: str
@@ -355,7 +358,8 @@ class LoadModelResponse(_message.Message):
     load_seconds: float
     direct_io: bool
     state: str
-    def __init__(self, name: _Optional[str] = ..., uid: _Optional[str] = ..., shm_path: _Optional[str] = ..., shm_offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[ModelTensor, _Mapping]]] = ..., was_resident: _Optional[bool] = ..., load_seconds: _Optional[float] = ..., direct_io: _Optional[bool] = ..., state: _Optional[str] = ...) -> None: ...
+    load_id: int
+    def __init__(self, name: _Optional[str] = ..., uid: _Optional[str] = ..., shm_path: _Optional[str] = ..., shm_offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[ModelTensor, _Mapping]]] = ..., was_resident: _Optional[bool] = ..., load_seconds: _Optional[float] = ..., direct_io: _Optional[bool] = ..., state: _Optional[str] = ..., load_id: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "nbytes", "tensor_bytes", "num_tensors", "state", "pins", "source")

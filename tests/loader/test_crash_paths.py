@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from kvstore import Client
+from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
 from loader import client as mclient
 from loader.arena import EXTENT_ALIGN
@@ -407,12 +408,43 @@ def test_two_clients_load_one_cold_model_at_once(env: Callable[[str], Env]) -> N
     assert e.rows()["big"]["pins"] == 0
 
 
+def test_the_wait_for_a_failed_load_answers_its_error(env: Callable[[str], Env]) -> None:
+    """The client's first LoadModel reserves, pins and starts the read; its second
+    waits for that load (by its load id).  When the load fails, the second call
+    answers that failure, even if the file reads well by then: no second read of the
+    model (which would also evict others for it), no tensors on an unpinned extent."""
+    e = env("1MiB")
+    ref = e.add("a", small_model(1, layers=10))
+    e.start()
+    path = e.data_path("a")
+    good = path.read_bytes()
+    path.write_bytes(good[:4096])
+    with Client(e.socket) as c, grpc.insecure_channel(f"unix:{e.socket}") as ch:
+        stub = pb_grpc.ModelsStub(ch)
+        steps = mclient.open_steps("a", c.session_id, True, None)
+        first = stub.LoadModel(mclient.advance(steps, None))
+        assert first.state == "loading" and first.load_id
+        wait = mclient.advance(steps, first)
+        assert isinstance(wait, pb.LoadModelRequest) and wait.wait_load_id == first.load_id
+        assert _wait_for(lambda: e.rows()["a"]["state"] == "stored")  # that load failed
+        path.write_bytes(good)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.LoadModel(wait)
+        assert "truncated" in str(err.value.details())
+        assert e.stats()["failures"] == 1 and e.stats()["loads"] == 0  # read once
+        assert e.rows()["a"]["pins"] == 0
+        # A new load reads the repaired file and pins it.
+        _same(c.load_model("a"), ref)
+        assert e.rows()["a"]["pins"] == 1 and e.stats()["loads"] == 1
+        assert c.release_model("a") == 1
+
+
 def test_a_load_retried_after_a_failure_is_pinned(env: Callable[[str], Env]) -> None:
-    """The client's first LoadModel reserves and pins, its second waits for the bytes.
-    When that load fails and the second call loads the model again (the file read
-    well this time: a transient error), the pin went with the failed load, and the
-    new load may sit in the same extent: the client pins it, or the extent could be
-    reused under tensors it believes pinned."""
+    """With a daemon that answers no load ids (the client's fallback): when the first
+    load fails and the second call loads the model again (the file read well this
+    time: a transient error), the pin went with the failed load, and the new load may
+    sit in the same extent: the client pins it, or the extent could be reused under
+    tensors it believes pinned."""
     e = env("1MiB")  # room for one of these two models
     ref = e.add("a", small_model(1, layers=10))
     e.add("b", small_model(2, layers=10))
@@ -425,6 +457,7 @@ def test_a_load_retried_after_a_failure_is_pinned(env: Callable[[str], Env]) -> 
         steps = mclient.open_steps("a", c.session_id, True, None)
         first = stub.LoadModel(mclient.advance(steps, None))
         assert first.state == "loading"
+        first.load_id = 0  # as a daemon without load ids answers
         wait = mclient.advance(steps, first)
         assert _wait_for(lambda: e.rows()["a"]["state"] == "stored")  # that load failed
         path.write_bytes(good)
