@@ -51,7 +51,7 @@ def cmd_add(args: argparse.Namespace) -> int:
             disable=args.quiet,
             file=sys.stderr,
         ) as bar:
-            m = store.add(args.name, files, progress=bar.update)
+            m = store.add(args.name, files, progress=bar.update, label=str(args.path))
     print(f"added {m.name}: {len(m.tensors)} tensors, {_human(m.tensor_bytes)} ({m.uid})")
     return 0
 

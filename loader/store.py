@@ -222,6 +222,7 @@ class ModelStore:
         name: str,
         source: str | os.PathLike[str] | list[SafetensorsFile],
         progress: Callable[[int], None] | None = None,
+        label: str | None = None,
     ) -> Manifest:
         """Ingests safetensors into the store, all or nothing.
 
@@ -229,6 +230,8 @@ class ModelStore:
             name: the model's name (must not be registered yet).
             source: a path (see :func:`resolve_sources`) or already parsed files.
             progress: called with the number of bytes copied after each chunk.
+            label: what ``models ls`` shows as the source (default: the path, or for
+                parsed files the one file or the folder of the shards).
 
         Raises:
             ModelFormatError: invalid input; ModelExistsError: the name is taken;
@@ -252,7 +255,12 @@ class ModelStore:
             entries, chunks = self._write_data(partial, files, total, progress)
             os.rename(partial, final)
             _fsync_dir(self.data_dir)
-            src = str(source) if not isinstance(source, list) else str(files[0].path)
+            if label is not None:
+                src = label
+            elif not isinstance(source, list):
+                src = str(source)
+            else:
+                src = str(files[0].path if len(files) == 1 else files[0].path.parent)
             manifest = Manifest(
                 name=name,
                 uid=uid,

@@ -32,6 +32,14 @@ def test_add_ls_rm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models", "--data-dir", str(tmp_path / "other"), "ls", "--data-dir", d]) == 0
     assert "qwen" in capsys.readouterr().out  # the later one wins
     assert main(["models", "rm", "qwen", "--data-dir", d]) == 0
+    # A folder of shards: `ls` shows the folder given, not its first shard.
+    shards = tmp_path / "shards"
+    write_model(shards / "model-00001-of-00002.safetensors", small_model(1))
+    write_model(shards / "model-00002-of-00002.safetensors", {"extra": small_model(2)["scalar"]})
+    assert main(["models", "add", "-q", "sharded", str(shards), "--data-dir", d]) == 0
+    capsys.readouterr()
+    assert main(["models", "ls", "--json", "--data-dir", d]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["source"] == str(shards)
 
 
 def test_errors_are_messages_not_tracebacks(

@@ -12,7 +12,7 @@ import xxhash
 
 from loader.errors import ModelExistsError, ModelFormatError, ModelNotFoundError
 from loader.manifest import ALIGN
-from loader.store import ModelStore
+from loader.store import ModelStore, resolve_sources
 from tests.loader.conftest import small_model, write_model
 
 
@@ -50,6 +50,10 @@ def test_add_folder_of_shards_and_index(store: ModelStore, tmp_path: Path) -> No
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wmap}))
     m2 = store.add("index", d / "model.safetensors.index.json")
     assert {t.name for t in m2.tensors} == set(ts)
+    # The source `models ls` shows: what was given, or for parsed shards their folder.
+    assert (m.source, m2.source) == (str(d), str(d / "model.safetensors.index.json"))
+    m3 = store.add("parsed", resolve_sources(d))
+    assert m3.source == str(d)
 
 
 def test_index_that_lies(store: ModelStore, tmp_path: Path) -> None:
