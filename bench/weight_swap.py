@@ -21,6 +21,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -133,15 +134,58 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
+WORK_FILES = ("A.safetensors", "B.safetensors", "A.pt", "B.pt", "store")
+"""What a run writes into its work dir (all removed at the end unless ``--keep``)."""
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole benchmark in a work dir that is removed afterwards, also on failure
+    (a given ``--work-dir`` keeps everything but the files the run wrote)."""
+    quick = args.quick
+    model_bytes = parse_size(args.model_bytes or ("64MiB" if quick else "1GiB"), "--model-bytes")
+    made = not args.work_dir
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="kvstore-ws-", dir="/var/tmp"))
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        check_space(work, model_bytes, args.paths)
+        return _run(args, work, model_bytes)
+    finally:
+        if not args.keep:
+            if made:
+                shutil.rmtree(work, ignore_errors=True)
+            else:
+                for name in WORK_FILES:
+                    p = work / name
+                    if p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
+
+
+def check_space(work: Path, model_bytes: int, paths: list[str] | None) -> None:
+    """Fails at once, with what it needs, when the work dir's disk cannot hold the
+    run's files: per model a safetensors file (unless given), a ``.pt`` copy and the
+    store's aligned copy."""
+    if paths:
+        sizes = [sum(f.path.stat().st_size for f in resolve_sources(p)) for p in paths]
+        need = sum(2 * n for n in sizes)
+    else:
+        need = 2 * 3 * model_bytes
+    need += 256 << 20  # headers, manifests, alignment
+    free = shutil.disk_usage(work).free
+    if need > free:
+        raise SystemExit(
+            f"weight_swap: the work dir {work} has {free / 2**30:.1f} GiB free, the run "
+            f"needs about {need / 2**30:.1f} GiB (--work-dir elsewhere, or --model-bytes)"
+        )
+
+
+def _run(args: argparse.Namespace, work: Path, model_bytes: int) -> dict[str, Any]:
     from tqdm import tqdm
 
     quick = args.quick
-    model_bytes = parse_size(args.model_bytes or ("64MiB" if quick else "1GiB"), "--model-bytes")
     hidden = args.hidden or (512 if quick else 2048)
     repeats = args.repeats or (1 if quick else 3)
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="kvstore-ws-", dir="/var/tmp"))
-    work.mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     res["machine"] = f"{os.cpu_count()} CPUs, {os.uname().release}"
     log(f"work dir {work}")
@@ -315,10 +359,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         repeats=repeats,
         quick=quick,
     )
-    if not args.keep:
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
     return res
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = (
@@ -32,3 +35,48 @@ def test_weight_swap_json(tmp_path: Path) -> None:
     assert "torch.load" in res["peers_cold_gbps"]
     assert (tmp_path / "c.png").stat().st_size > 1000
     assert "swap A->B" in out.stderr
+    # A given work dir keeps what was there; the run's own files are gone.
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == []
+
+
+def _args(**kw: object) -> argparse.Namespace:
+    from bench.weight_swap import parser
+
+    args = parser().parse_args(["--model-bytes", "8MiB"])
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_a_full_disk_is_said_before_anything_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from bench import weight_swap
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(weight_swap.shutil, "disk_usage", lambda p: real(p)._replace(free=40 << 20))
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "mine.txt").write_text("not the benchmark's")
+    with pytest.raises(SystemExit, match=r"has 0.0 GiB free, the run needs about 0.3 GiB"):
+        weight_swap.run(_args(work_dir=str(work)))
+    assert [p.name for p in work.iterdir()] == ["mine.txt"]
+
+
+def test_a_failed_run_removes_its_work_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import weight_swap
+
+    made: list[Path] = []
+
+    def fail(args: argparse.Namespace, work: Path, model_bytes: int) -> None:
+        (work / "A.pt").write_bytes(b"x" * 4096)
+        made.append(work)
+        raise RuntimeError("disk full half-way")
+
+    monkeypatch.setattr(weight_swap, "_run", fail)
+    monkeypatch.setattr(weight_swap.tempfile, "mkdtemp", lambda **kw: str(tmp_path / "tmpdir"))
+    with pytest.raises(RuntimeError, match="half-way"):
+        weight_swap.run(_args())
+    assert made == [tmp_path / "tmpdir"] and not made[0].exists()
