@@ -30,7 +30,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -83,11 +82,16 @@ def _load(stub: Any, populate: bool) -> tuple[float, float, float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    nbytes = parse_size(args.model_bytes, "--model-bytes")
+    # Removed however the run ends (a given --work-dir keeps all but the run's files).
+    with ws.work_dir(args.work_dir, args.keep, "kvstore-gap-", ("M.safetensors", "store")) as work:
+        return _run(args, work, nbytes)
+
+
+def _run(args: argparse.Namespace, work: Path, nbytes: int) -> dict[str, Any]:
     from tqdm import tqdm
 
-    nbytes = parse_size(args.model_bytes, "--model-bytes")
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="kvstore-gap-", dir="/var/tmp"))
-    work.mkdir(parents=True, exist_ok=True)
+    ws.check_space(work, 2 * nbytes)  # the source file and the store's copy
     from safetensors.torch import save_file
 
     src = work / "M.safetensors"
@@ -142,10 +146,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         bar.close()
         raw.close()
-        if not args.keep:
-            import shutil
-
-            shutil.rmtree(work, ignore_errors=True)
     return res
 
 

@@ -26,7 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -138,23 +138,21 @@ WORK_FILES = ("A.safetensors", "B.safetensors", "A.pt", "B.pt", "store")
 """What a run writes into its work dir (all removed at the end unless ``--keep``)."""
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """The whole benchmark in a work dir that is removed afterwards, also on failure
-    (a given ``--work-dir`` keeps everything but the files the run wrote)."""
-    quick = args.quick
-    model_bytes = parse_size(args.model_bytes or ("64MiB" if quick else "1GiB"), "--model-bytes")
-    made = not args.work_dir
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="kvstore-ws-", dir="/var/tmp"))
+@contextlib.contextmanager
+def work_dir(given: str, keep: bool, prefix: str, files: Sequence[str]) -> Iterator[Path]:
+    """A benchmark's work dir, cleaned up however the run ends unless ``keep``: a
+    fresh one under /var/tmp is removed; a ``given`` one keeps everything but the
+    run's ``files``."""
+    work = Path(given or tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
     try:
         work.mkdir(parents=True, exist_ok=True)
-        check_space(work, model_bytes, args.paths)
-        return _run(args, work, model_bytes)
+        yield work
     finally:
-        if not args.keep:
-            if made:
+        if not keep:
+            if not given:
                 shutil.rmtree(work, ignore_errors=True)
             else:
-                for name in WORK_FILES:
+                for name in files:
                     p = work / name
                     if p.is_dir():
                         shutil.rmtree(p, ignore_errors=True)
@@ -162,22 +160,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         p.unlink(missing_ok=True)
 
 
-def check_space(work: Path, model_bytes: int, paths: list[str] | None) -> None:
-    """Fails at once, with what it needs, when the work dir's disk cannot hold the
-    run's files: per model a safetensors file (unless given), a ``.pt`` copy and the
-    store's aligned copy."""
-    if paths:
-        sizes = [sum(f.path.stat().st_size for f in resolve_sources(p)) for p in paths]
-        need = sum(2 * n for n in sizes)
-    else:
-        need = 2 * 3 * model_bytes
-    need += 256 << 20  # headers, manifests, alignment
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole benchmark in a work dir that is removed afterwards, also on failure."""
+    quick = args.quick
+    model_bytes = parse_size(args.model_bytes or ("64MiB" if quick else "1GiB"), "--model-bytes")
+    with work_dir(args.work_dir, args.keep, "kvstore-ws-", WORK_FILES) as work:
+        check_space(work, work_bytes(model_bytes, args.paths))
+        return _run(args, work, model_bytes)
+
+
+def check_space(work: Path, need: int) -> None:
+    """Fails at once, saying what it needs, when the work dir's disk does not have
+    ``need`` bytes (plus room for headers, manifests and alignment) free."""
+    need += 256 << 20
     free = shutil.disk_usage(work).free
     if need > free:
         raise SystemExit(
-            f"weight_swap: the work dir {work} has {free / 2**30:.1f} GiB free, the run "
-            f"needs about {need / 2**30:.1f} GiB (--work-dir elsewhere, or --model-bytes)"
+            f"{Path(sys.argv[0]).stem or 'bench'}: the work dir {work} has "
+            f"{free / 2**30:.1f} GiB free, the run needs about {need / 2**30:.1f} GiB "
+            "(--work-dir elsewhere, or --model-bytes)"
         )
+
+
+def work_bytes(model_bytes: int, paths: list[str] | None) -> int:
+    """What a run writes: per model a safetensors file (unless given), a ``.pt`` copy
+    and the store's aligned copy."""
+    if paths:
+        return sum(2 * sum(f.path.stat().st_size for f in resolve_sources(p)) for p in paths)
+    return 2 * 3 * model_bytes
 
 
 def _run(args: argparse.Namespace, work: Path, model_bytes: int) -> dict[str, Any]:
