@@ -6,7 +6,8 @@ import asyncio
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
+from loader import client as mclient
 from loader.config import ModelsConfig
 from loader.service import ModelsServicer
 from loader.store import ModelStore
@@ -107,3 +109,25 @@ def server(tmp_path: Path) -> Iterator[ServerHandle]:
     """A Models server over a fresh data dir (8 MiB budget, small ring)."""
     opts = ModelsConfig(dram_budget=8 << 20, ring_buffers=4, ring_buffer_bytes=64 << 10)
     yield from _start(tmp_path / "data", opts)
+
+
+def same_tensors(got: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor]) -> None:
+    """Asserts ``got`` has exactly ``ref``'s tensors, bit for bit."""
+    assert got.keys() == ref.keys()
+    for k, v in ref.items():
+        assert torch.equal(got[k], v), k
+
+
+def model_pins(socket: str) -> dict[str, int]:
+    """Pins per registered model, as the daemon at ``socket`` lists them."""
+    return {m["name"]: m["pins"] for m in mclient.list_models(socket)}
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Polls ``cond`` until it holds or ``timeout`` passes; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()

@@ -37,7 +37,7 @@ from loader.errors import (
 )
 from loader.store import ModelStore
 from tests.kvstore.conftest import ROOT, DaemonProc
-from tests.loader.conftest import flip_byte, small_model, write_model
+from tests.loader.conftest import flip_byte, same_tensors, small_model, wait_for, write_model
 
 MiB = 1 << 20
 
@@ -69,12 +69,6 @@ def big_model(seed: int, mib: int = 8) -> Tensors:
     }
     out["norm"] = torch.randn(100, generator=g)
     return out
-
-
-def _same(got: dict[str, Any], ref: Tensors) -> None:
-    assert got.keys() == ref.keys()
-    for k, v in ref.items():
-        assert torch.equal(got[k], v), k
 
 
 class Env:
@@ -149,15 +143,6 @@ def env(tmp_path: Path) -> Iterator[Callable[[str], Env]]:
         shm.rmdir()
 
 
-def _wait_for(what: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if what():
-            return True
-        time.sleep(0.02)
-    return what()
-
-
 # A victim engine without torch (starts fast): opens a session with its Watch stream,
 # pins NAME with LoadModel, maps its extent and reads it, starts the call that waits
 # for the bytes, then SIGKILLs itself.  MODE "mid-load": the kill lands while the load
@@ -229,21 +214,21 @@ def test_client_killed_mid_load_and_while_pinned_leaves_nothing(
     # Killed while its cold load of "big" is in flight: the load finishes, unpinned.
     state, pid1 = _victim_pid(e.socket, "big", "mid-load")
     assert state == "loading"
-    assert _wait_for(lambda: e.rows()["big"] == {**e.rows()["big"], "state": "ready", "pins": 0})
+    assert wait_for(lambda: e.rows()["big"] == {**e.rows()["big"], "state": "ready", "pins": 0})
     # Its space is reusable: "other" needs it ("big" is evicted).
     with Client(e.socket) as c:
-        _same(c.load_model("other"), refs["other"])
+        same_tensors(c.load_model("other"), refs["other"])
         assert e.stats()["resident"] == ["other"]
         assert c.release_model("other") == 1
 
     # Killed while it holds "big" pinned (loaded, mapped).
     state, pid2 = _victim_pid(e.socket, "big", "pinned")
     assert state == "loading"
-    assert _wait_for(lambda: e.rows()["big"]["pins"] == 0), e.rows()
+    assert wait_for(lambda: e.rows()["big"]["pins"] == 0), e.rows()
     with Client(e.socket) as c:
-        _same(c.load_model("other"), refs["other"])
+        same_tensors(c.load_model("other"), refs["other"])
         assert c.release_model("other") == 1
-        _same(c.load_model("big"), refs["big"])
+        same_tensors(c.load_model("big"), refs["big"])
         assert e.stats()["resident"] == ["big"]
     assert e.rows()["big"]["pins"] == 0
 
@@ -267,9 +252,9 @@ def test_pin_taken_as_its_client_dies_is_dropped(env: Callable[[str], Env]) -> N
     e.start()
     _victim(e.socket, "many", "racing")
     # The dead client's calls did reach the model (else this tests nothing) ...
-    assert _wait_for(lambda: e.rows()["many"]["state"] == "ready"), e.rows()
+    assert wait_for(lambda: e.rows()["many"]["state"] == "ready"), e.rows()
     time.sleep(0.5)  # ... and the last of them are done
-    assert _wait_for(lambda: e.rows()["many"]["pins"] == 0, 3.0), e.rows()
+    assert wait_for(lambda: e.rows()["many"]["pins"] == 0, 3.0), e.rows()
     with Client(e.socket) as c:
         got = c.load_model("many")
         assert torch.equal(got["experts.9999.w"], many["experts.9999.w"])
@@ -288,24 +273,24 @@ def test_models_rm_of_a_pinned_model(env: Callable[[str], Env]) -> None:
     holder = Client(e.socket, name="holder")
     try:
         held = holder.load_model("a")
-        _same(held, old)
+        same_tensors(held, old)
         used = e.stats()["dram_used"]
         assert models_cli(["models", "--data-dir", str(e.data), "rm", "a"]) == 0
         assert "a" not in e.rows()
         with pytest.raises(ModelNotFoundError, match="no model named 'a'"):
             mclient.load_model(e.socket, "a", pin=False)
-        _same(held, old)  # the pin keeps the extent: never other bytes under the views
-        _same(mclient.load_model(e.socket, "b", pin=False), other)
+        same_tensors(held, old)  # the pin keeps the extent: never other bytes under the views
+        same_tensors(mclient.load_model(e.socket, "b", pin=False), other)
 
         new = e.add("a", small_model(9))
         with Client(e.socket, name="reader") as c:
-            _same(c.load_model("a"), new)
-            _same(held, old)
+            same_tensors(c.load_model("a"), new)
+            same_tensors(held, old)
             assert e.rows()["a"]["pins"] == 1
             # The holder lets go of its (removed) model: its extent goes at once (it
             # can never be loaded again), the re-added model's pin is untouched.
             assert holder.release_model("a") == 1
-            _same(c.load_model("a"), new)
+            same_tensors(c.load_model("a"), new)
             assert e.rows()["a"]["pins"] == 2
             assert sorted(e.stats()["resident"]) == ["a", "b"]
             assert c.release_model("a", evict=True) == 2
@@ -337,7 +322,7 @@ def test_corrupt_or_truncated_data_file_on_a_cold_load(env: Callable[[str], Env]
     other = e.add("b", small_model(2))
     e.start()
     with Client(e.socket) as c:
-        _same(c.load_model("a"), ref)
+        same_tensors(c.load_model("a"), ref)
         assert c.release_model("a", evict=True) == 1
         assert e.stats()["resident"] == []
 
@@ -349,10 +334,10 @@ def test_corrupt_or_truncated_data_file_on_a_cold_load(env: Callable[[str], Env]
             c.load_model("a")
         # Nothing of it stays; the daemon serves the other model and says why.
         assert e.rows()["a"]["state"] == "stored" and e.rows()["a"]["pins"] == 0
-        _same(c.load_model("b"), other)
+        same_tensors(c.load_model("b"), other)
         assert e.stats()["resident"] == ["b"]
         flip_byte(path, t.offset + t.nbytes // 2)  # repaired: loads again
-        _same(c.load_model("a"), ref)
+        same_tensors(c.load_model("a"), ref)
         assert c.release_model("a", evict=True) == 1
 
         os.truncate(path, path.stat().st_size - 8192)
@@ -366,7 +351,7 @@ def test_corrupt_or_truncated_data_file_on_a_cold_load(env: Callable[[str], Env]
     # `models rm` + re-add of good bytes: loads.
     assert models_cli(["models", "--data-dir", str(e.data), "rm", "a"]) == 0
     ref2 = e.add("a", small_model(3))
-    _same(mclient.load_model(e.socket, "a", pin=False), ref2)
+    same_tensors(mclient.load_model(e.socket, "a", pin=False), ref2)
     assert e.stats()["failures"] >= 3  # each failed load is counted
 
 
@@ -395,7 +380,7 @@ def test_two_clients_load_one_cold_model_at_once(env: Callable[[str], Env]) -> N
         assert not errors, errors
         assert len(got) == 2
         for g in got:
-            _same(g, ref)
+            same_tensors(g, ref)
         stats = e.stats()
         assert stats["loads"] == 1 and stats["resident"] == ["big"], stats
         nbytes = e.rows()["big"]["nbytes"]
@@ -426,7 +411,7 @@ def test_the_wait_for_a_failed_load_answers_its_error(env: Callable[[str], Env])
         assert first.state == "loading" and first.load_id
         wait = mclient.advance(steps, first)
         assert isinstance(wait, pb.LoadModelRequest) and wait.wait_load_id == first.load_id
-        assert _wait_for(lambda: e.rows()["a"]["state"] == "stored")  # that load failed
+        assert wait_for(lambda: e.rows()["a"]["state"] == "stored")  # that load failed
         path.write_bytes(good)
         with pytest.raises(grpc.RpcError) as err:
             stub.LoadModel(wait)
@@ -434,7 +419,7 @@ def test_the_wait_for_a_failed_load_answers_its_error(env: Callable[[str], Env])
         assert e.stats()["failures"] == 1 and e.stats()["loads"] == 0  # read once
         assert e.rows()["a"]["pins"] == 0
         # A new load reads the repaired file and pins it.
-        _same(c.load_model("a"), ref)
+        same_tensors(c.load_model("a"), ref)
         assert e.rows()["a"]["pins"] == 1 and e.stats()["loads"] == 1
         assert c.release_model("a") == 1
 
@@ -459,15 +444,15 @@ def test_a_load_retried_after_a_failure_is_pinned(env: Callable[[str], Env]) -> 
         assert first.state == "loading"
         first.load_id = 0  # as a daemon without load ids answers
         wait = mclient.advance(steps, first)
-        assert _wait_for(lambda: e.rows()["a"]["state"] == "stored")  # that load failed
+        assert wait_for(lambda: e.rows()["a"]["state"] == "stored")  # that load failed
         path.write_bytes(good)
         step = mclient.advance(steps, stub.LoadModel(wait))
         while not isinstance(step, mclient.LoadedModel):
             step = mclient.advance(steps, stub.LoadModel(step))
         assert step.info.shm_offset == first.shm_offset  # the same extent, loaded again
-        _same(step.tensors, ref)
+        same_tensors(step.tensors, ref)
         assert e.rows()["a"]["pins"] == 1
         with pytest.raises(ModelBudgetError, match="a \\(ready, 1 pins"):
             mclient.load_model(e.socket, "b", pin=False)
-        _same(step.tensors, ref)
+        same_tensors(step.tensors, ref)
         assert c.release_model("a") == 1

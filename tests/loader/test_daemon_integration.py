@@ -22,7 +22,7 @@ from loader import client as mclient
 from loader.errors import ModelUnavailableError
 from loader.store import ModelStore
 from tests.kvstore.conftest import DaemonProc
-from tests.loader.conftest import small_model, write_model
+from tests.loader.conftest import model_pins, same_tensors, small_model, write_model
 
 CONFIG = """
 [server]
@@ -58,21 +58,11 @@ def daemon(tmp_path: Path) -> Iterator[tuple[DaemonProc, Models]]:
             assert proc.stop() == 0, proc.log()
 
 
-def _pins(socket: str) -> dict[str, int]:
-    return {m["name"]: m["pins"] for m in mclient.list_models(socket)}
-
-
-def _same(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
-    assert got.keys() == ref.keys()
-    for k, v in ref.items():
-        assert torch.equal(got[k], v), k
-
-
 def test_models_through_the_daemon(daemon: tuple[DaemonProc, Models]) -> None:
     proc, refs = daemon
     with grpc.insecure_channel(f"unix:{proc.socket}") as ch:
         c = Client(proc.socket, name="loader-test")
-        _same(mclient.load_model(ch, "a", session_id=c.session_id), refs["a"])
+        same_tensors(mclient.load_model(ch, "a", session_id=c.session_id), refs["a"])
         # The daemon's Client raises model errors as KVStoreErrors (as the README
         # says of every client error), and a swap from a model it does not hold
         # fails without pinning the new one.
@@ -103,34 +93,34 @@ def test_a_pin_needs_an_open_session(daemon: tuple[DaemonProc, Models]) -> None:
             with pytest.raises(KVStoreError, match="unknown session") as err:
                 call()
             assert err.value.session_lost
-        assert _pins(proc.socket) == {"a": 0, "b": 0}
+        assert model_pins(proc.socket) == {"a": 0, "b": 0}
         # Unpinned loads need no session; anonymous pins (session 0) are the caller's.
-        _same(mclient.load_model(proc.socket, "a", session_id=gone, pin=False), refs["a"])
-        _same(mclient.load_model(proc.socket, "b"), refs["b"])
-        assert _pins(proc.socket) == {"a": 0, "b": 1}
+        same_tensors(mclient.load_model(proc.socket, "a", session_id=gone, pin=False), refs["a"])
+        same_tensors(mclient.load_model(proc.socket, "b"), refs["b"])
+        assert model_pins(proc.socket) == {"a": 0, "b": 1}
         assert mclient.release_model(proc.socket, "b") == 1
         # The open session's own calls still work.
-        _same(c.load_model("a"), refs["a"])
-        assert _pins(proc.socket) == {"a": 1, "b": 0}
-    assert _pins(proc.socket) == {"a": 0, "b": 0}
+        same_tensors(c.load_model("a"), refs["a"])
+        assert model_pins(proc.socket) == {"a": 1, "b": 0}
+    assert model_pins(proc.socket) == {"a": 0, "b": 0}
 
 
 def test_client_model_verbs_across_a_daemon_restart(daemon: tuple[DaemonProc, Models]) -> None:
     proc, refs = daemon
     with Client(proc.socket, timeout=20.0) as c:
-        _same(c.load_model("a"), refs["a"])
+        same_tensors(c.load_model("a"), refs["a"])
         old = c.session_id
         proc.stop()
         proc.start()
         # The old session and its pin ended with the daemon: the call reconnects and
         # pins in the new session; a swap from "a" (no longer held) loads "b".
-        _same(c.swap("a", "b"), refs["b"])
+        same_tensors(c.swap("a", "b"), refs["b"])
         assert c.session_id != old
-        assert _pins(proc.socket) == {"a": 0, "b": 1}
-        _same(c.load_model("a"), refs["a"])
+        assert model_pins(proc.socket) == {"a": 0, "b": 1}
+        same_tensors(c.load_model("a"), refs["a"])
         assert c.release_model("a") == 1
         assert [m["name"] for m in c.models()] == ["a", "b"]
-    assert _pins(proc.socket) == {"a": 0, "b": 0}
+    assert model_pins(proc.socket) == {"a": 0, "b": 0}
 
 
 def test_client_model_verbs_with_the_daemon_gone(daemon: tuple[DaemonProc, Models]) -> None:
@@ -151,19 +141,19 @@ def test_async_model_verbs_across_a_daemon_restart(daemon: tuple[DaemonProc, Mod
     async def go() -> None:
         c = await AsyncClient.connect(proc.socket, timeout=20.0)
         try:
-            _same(await c.load_model("a"), refs["a"])
+            same_tensors(await c.load_model("a"), refs["a"])
             old = c.session_id
             await asyncio.to_thread(proc.stop)
             await asyncio.to_thread(proc.start)
             # Two calls at once find the session lost: one reconnect serves both.
             got = await asyncio.gather(c.swap("a", "b"), c.load_model("a"))
-            _same(got[0], refs["b"])
-            _same(got[1], refs["a"])
+            same_tensors(got[0], refs["b"])
+            same_tensors(got[1], refs["a"])
             assert c.session_id != old
-            assert _pins(proc.socket) == {"a": 1, "b": 1}
+            assert model_pins(proc.socket) == {"a": 1, "b": 1}
         finally:
             await c.close()
-        assert _pins(proc.socket) == {"a": 0, "b": 0}
+        assert model_pins(proc.socket) == {"a": 0, "b": 0}
 
         c = await AsyncClient.connect(proc.socket, timeout=1.0)
         await asyncio.to_thread(proc.stop)

@@ -13,8 +13,7 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -28,7 +27,7 @@ from loader import client as mclient
 from loader.errors import ModelBudgetError, ModelPinLost
 from loader.store import ModelStore
 from tests.kvstore.conftest import ROOT, DaemonProc
-from tests.loader.conftest import small_model, write_model
+from tests.loader.conftest import model_pins, same_tensors, small_model, wait_for, write_model
 
 # Two of these models (~0.6 MiB each) do not fit the 1 MiB budget together.
 CONFIG = """
@@ -71,23 +70,6 @@ def daemon(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Dae
             assert proc.stop() == 0, proc.log()
 
 
-def _pins(socket: str) -> dict[str, int]:
-    return {m["name"]: m["pins"] for m in mclient.list_models(socket)}
-
-
-def _same(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
-    assert got.keys() == ref.keys()
-    for k, v in ref.items():
-        assert torch.equal(got[k], v), k
-
-
-def _until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def _open_sessions(socket: str) -> int:
     with grpc.insecure_channel(f"unix:{socket}") as ch:
         resp = pb_grpc.KVStoreStub(ch).Stats(pb.StatsRequest(), timeout=5.0)
@@ -99,7 +81,7 @@ def _break_watch(c: Client, socket: str) -> int:
     lives on) and waits until the daemon has ended the session; returns its id."""
     sid = c.session_id
     c._watch.cancel()
-    _until(lambda: _open_sessions(socket) == 0, "the daemon to end the session")
+    assert wait_for(lambda: _open_sessions(socket) == 0, 10.0), "the daemon to end the session"
     return sid
 
 
@@ -111,7 +93,7 @@ def test_a_reconnect_within_the_grace_keeps_the_models_pin(
     a = c.load_model("a")
     old = _break_watch(c, proc.socket)
     # The session is gone, its pin is not: "a"'s extent stays, so "b" does not fit.
-    assert _pins(proc.socket) == {"a": 1, "b": 0}
+    assert model_pins(proc.socket) == {"a": 1, "b": 0}
     with pytest.raises(ModelBudgetError, match="a .*1 of a disconnected client"):
         mclient.load_model(proc.socket, "b", pin=False)
     # Only the same client process may take the pins over.
@@ -123,9 +105,9 @@ def test_a_reconnect_within_the_grace_keeps_the_models_pin(
     # The client's next call finds its session lost, reconnects and adopts the pin.
     assert c.release_model("a") == 1
     assert c.session_id != old and c.lost_models == frozenset()
-    _same(a, refs["a"])  # never released: the bytes under the views never changed
-    assert _pins(proc.socket) == {"a": 0, "b": 0}
-    _same(c.swap("", "b"), refs["b"])  # "a" may go now
+    same_tensors(a, refs["a"])  # never released: the bytes under the views never changed
+    assert model_pins(proc.socket) == {"a": 0, "b": 0}
+    same_tensors(c.swap("", "b"), refs["b"])  # "a" may go now
     c.close()
 
 
@@ -137,15 +119,15 @@ def test_pins_not_taken_over_in_time_are_reported_lost(
     with Client(proc.socket, timeout=20.0) as c:
         c.load_model("a")
         _break_watch(c, proc.socket)
-        _until(lambda: _pins(proc.socket)["a"] == 0, "the parked pin to expire")
+        assert wait_for(lambda: model_pins(proc.socket)["a"] == 0, 10.0), "the parked pin to expire"
         # Its extent may be reused now (here: "b" evicts "a").
-        _same(mclient.load_model(proc.socket, "b", pin=False), refs["b"])
+        same_tensors(mclient.load_model(proc.socket, "b", pin=False), refs["b"])
         with pytest.raises(ModelPinLost, match="'a'") as err:
             c.release_model("a")  # reconnects first: the daemon kept nothing
         assert err.value.lost == 1
         assert c.lost_models == frozenset()  # reported once
         # Loading it again gives fresh tensors and a pin that releases normally.
-        _same(c.load_model("a"), refs["a"])
+        same_tensors(c.load_model("a"), refs["a"])
         assert c.release_model("a") == 1
 
 
@@ -157,8 +139,8 @@ def test_a_swap_after_a_reconnect_within_the_grace_swaps(
     with Client(proc.socket, timeout=20.0) as c:
         c.load_model("a")
         _break_watch(c, proc.socket)
-        _same(c.swap("a", "b"), refs["b"])  # "a"'s adopted pin is what it swaps from
-        assert _pins(proc.socket) == {"a": 0, "b": 1}
+        same_tensors(c.swap("a", "b"), refs["b"])  # "a"'s adopted pin is what it swaps from
+        assert model_pins(proc.socket) == {"a": 0, "b": 1}
         assert c.release_model("b") == 1
 
 
@@ -178,9 +160,9 @@ def test_a_swap_after_another_call_reconnected_loads_the_new_model(
             proc.start()
             assert c.lookup([bytes(32)]).num_cached == 0  # reconnects
             assert c.lost_models == frozenset({"a"})
-            _same(c.swap("a", "b"), refs["b"])
+            same_tensors(c.swap("a", "b"), refs["b"])
             assert c.lost_models == frozenset()
-            assert _pins(proc.socket) == {"a": 0, "b": 1}
+            assert model_pins(proc.socket) == {"a": 0, "b": 1}
         return
 
     async def go() -> None:
@@ -190,8 +172,8 @@ def test_a_swap_after_another_call_reconnected_loads_the_new_model(
         proc.start()
         assert (await c.lookup([bytes(32)])).num_cached == 0
         assert c.lost_models == frozenset({"a"})
-        _same(await c.swap("a", "b"), refs["b"])
-        assert _pins(proc.socket) == {"a": 0, "b": 1}
+        same_tensors(await c.swap("a", "b"), refs["b"])
+        assert model_pins(proc.socket) == {"a": 0, "b": 1}
         await c.close()
 
     asyncio.run(go())
@@ -206,10 +188,10 @@ def test_async_client_takes_its_pins_over(daemon: tuple[DaemonProc, Models]) -> 
         task = c._watch_task
         assert task is not None
         task.cancel()
-        await asyncio.to_thread(_until, lambda: _open_sessions(proc.socket) == 0, "session end")
-        assert _pins(proc.socket)["a"] == 1
+        assert await asyncio.to_thread(wait_for, lambda: _open_sessions(proc.socket) == 0, 10.0)
+        assert model_pins(proc.socket)["a"] == 1
         assert await c.release_model("a") == 1
-        _same(a, refs["a"])
+        same_tensors(a, refs["a"])
         await c.close()
 
     asyncio.run(go())
@@ -238,11 +220,13 @@ def test_a_dead_client_gets_no_grace(daemon: tuple[DaemonProc, Models], reap: bo
     ) as child:
         try:
             assert child.stdout is not None and child.stdout.readline().strip() == b"pinned"
-            assert _pins(proc.socket)["a"] == 1
+            assert model_pins(proc.socket)["a"] == 1
             child.kill()
             if reap:
                 child.wait()
             # Well within the 30 s grace: the daemon saw the process was gone.
-            _until(lambda: _pins(proc.socket)["a"] == 0, "the dead client's pin to go", 5.0)
+            assert wait_for(lambda: model_pins(proc.socket)["a"] == 0, 5.0), (
+                "the dead client's pin to go"
+            )
         finally:
             child.kill()
