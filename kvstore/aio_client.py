@@ -209,7 +209,9 @@ class AsyncClient:
     async def reconnect(self) -> None:
         """Drops the connection and opens a new session (e.g. after a daemon restart).
 
-        The pins of the old session end with it (the daemon releases them).  Views
+        The KV pins of the old session end with it (the daemon releases them); its
+        model pins carry over to the new one when the same daemon still keeps
+        them (:attr:`lost_models` names those it did not).  Views
         handed out before stay readable, on the old arena's mapping (which lives as
         long as they do), but are no longer the daemon's blocks: acquire them again.
         If a reconnect is under way already, waits for that one instead.

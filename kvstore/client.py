@@ -199,7 +199,9 @@ class Client:
     def reconnect(self) -> None:
         """Drops the connection and opens a new session (e.g. after a daemon restart).
 
-        The pins of the old session end with it (the daemon releases them).
+        The KV pins of the old session end with it (the daemon releases them); its
+        model pins carry over to the new one when the same daemon still keeps
+        them (:attr:`lost_models` names those it did not).
         """
         previous = self.session_id
         self._teardown()
