@@ -350,9 +350,24 @@ class HeldModels:
     def __init__(self) -> None:
         self.held: set[str] = set()
         self.lost: set[str] = set()
+        self.session = 0  # the session ``held`` is about, and the models it adopted
+        self.adopted: frozenset[str] = frozenset()
 
-    def loaded(self, name: str, pin: bool = True) -> None:
-        """``name`` was loaded (fresh tensors), pinned for this session if ``pin``."""
+    def loaded(self, name: str, pin: bool = True, session: int = 0) -> None:
+        """``name`` was loaded (fresh tensors), pinned if ``pin`` for ``session``: the
+        session the call ran in (0: this one).  A call that a reconnect overtook (an
+        asyncio client's other coroutine) pinned in the session that ended: the model
+        is held only if the new session adopted that pin, lost otherwise."""
+        if (
+            pin
+            and session
+            and session != self.session
+            and name not in self.adopted
+            and name not in self.held
+        ):
+            self.lost.add(name)
+            self.warn({name}, session)
+            return
         if pin:
             self.held.add(name)
         self.lost.discard(name)
@@ -365,10 +380,11 @@ class HeldModels:
             return True
         return False
 
-    def reopened(self, adopted: Sequence[str], previous: int) -> None:
-        """A new session (replacing ``previous``) adopted the pins of ``adopted``: the
-        other models held are lost."""
+    def reopened(self, adopted: Sequence[str], previous: int, session: int = 0) -> None:
+        """A new ``session`` (replacing ``previous``) adopted the pins of ``adopted``:
+        the other models held are lost."""
         kept = set(adopted)
+        self.session, self.adopted = session, frozenset(kept)
         lost = self.held - kept
         self.lost |= lost
         self.held &= kept

@@ -176,7 +176,7 @@ class AsyncClient:
             raise
         self._channel, self._stub, self.session_id = ch, stub, sid
         self._arena = mm
-        self._models_held.reopened(resp.adopted_models, previous)
+        self._models_held.reopened(resp.adopted_models, previous, sid)
         self._watch_task = asyncio.create_task(self._drain_watch(stub, sid))
 
     @staticmethod
@@ -297,9 +297,8 @@ class AsyncClient:
         await self._teardown()
 
     # ------------------------------------------------------------------ model weights
-    # The same verbs as Client's (loader.aio: the same exchange as loader.client), and
-    # the same recovery: a call that finds its session lost reconnects once and retries.
-    async def _models(self, call: Callable[[grpc.aio.Channel, int], Awaitable[T]]) -> T:
+    # As Client's (a call that finds its session lost reconnects once); -> (its session, answer)
+    async def _models(self, call: Callable[[grpc.aio.Channel, int], Awaitable[T]]) -> tuple[int, T]:
         from loader.errors import ModelError, ModelUnavailableError
 
         for attempt in (0, 1):
@@ -308,7 +307,7 @@ class AsyncClient:
             if ch is None:
                 raise DaemonUnavailable("client is closed")
             try:
-                return await call(ch, sid)
+                return sid, await call(ch, sid)
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if ch is self._channel or (task is not None and task.cancelling()):
@@ -331,10 +330,10 @@ class AsyncClient:
         """Tensors of model ``name`` (views on shared memory; pinned for this session)."""
         from loader import aio
 
-        out = await self._models(
+        sid, out = await self._models(
             lambda ch, sid: aio.load_model(ch, name, device, session_id=sid, pin=pin)
         )
-        self._models_held.loaded(name, pin)
+        self._models_held.loaded(name, pin, sid)  # a reconnect may have overtaken it
         return out
 
     @property
@@ -361,21 +360,21 @@ class AsyncClient:
                 return await aio.load_model(ch, new, device, session_id=sid)
             return await aio.swap_models(ch, old, new, device, session_id=sid)
 
-        out = await self._models(call)
+        sid, out = await self._models(call)
         self._models_held.swapped_from(old)
-        self._models_held.loaded(new)
+        self._models_held.loaded(new, session=sid)
         return out
 
     async def prefetch_model(self, name: str) -> str:
         from loader import aio
 
-        return await self._models(lambda ch, sid: aio.prefetch_model(ch, name))
+        return (await self._models(lambda ch, sid: aio.prefetch_model(ch, name)))[1]
 
     async def release_model(self, name: str, evict: bool = False) -> int:
         from loader import aio
         from loader.errors import ModelPinLost
 
-        n = await self._models(
+        _, n = await self._models(
             lambda ch, sid: aio.release_model(ch, name, session_id=sid, evict=evict)
         )
         if self._models_held.released(name):
@@ -385,7 +384,7 @@ class AsyncClient:
     async def models(self) -> list[dict[str, Any]]:
         from loader import aio
 
-        return await self._models(lambda ch, sid: aio.list_models(ch))
+        return (await self._models(lambda ch, sid: aio.list_models(ch)))[1]
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -161,7 +161,7 @@ class Client:
             ch.close()
             raise from_rpc_error(exc) from None
         self.session_id = resp.session_id
-        self._models_held.reopened(resp.adopted_models, previous)
+        self._models_held.reopened(resp.adopted_models, previous, self.session_id)
         self._arena = w.map_arena(resp.arena.path, resp.arena.size)
         self._watch = self._stub.Watch(pb.WatchRequest(session_id=self.session_id))
         self._watch_thread = threading.Thread(

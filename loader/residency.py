@@ -163,10 +163,13 @@ class ResidencyManager:
         Raises:
             ModelNotFoundError, ModelBudgetError, ModelChecksumError, ModelStoreError.
         """
-        manifest = self.store.get(name)
-        r = self._load_of(load_id, manifest, session_id if pin else None) if load_id else None
+        pin_session = session_id if pin else None
+        r = None
+        if load_id:  # the load may be of a model removed since (its first call's pin keeps it)
+            found = self.store.find(name)
+            r = self._load_of(load_id, name, found.uid if found else None, pin_session)
         if r is None:
-            r = self._ensure(manifest, session_id if pin else None)
+            r = self._ensure(self.store.get(name), pin_session)
         if not wait:
             return r
         r.done.wait()
@@ -336,18 +339,21 @@ class ResidencyManager:
                 r.pins[pin_session] = r.pins.get(pin_session, 0) + 1
             return r
 
-    def _load_of(self, load_id: int, m: Manifest, pin_session: int | None) -> Resident | None:
-        """The copy of ``m`` that load ``load_id`` made, still resident or failed
-        (pinned for ``pin_session`` if resident); None when it is gone."""
+    def _load_of(
+        self, load_id: int, name: str, uid: str | None, pin_session: int | None
+    ) -> Resident | None:
+        """The copy of model ``name`` (registered as ``uid``; None: removed since) that
+        load ``load_id`` made, still resident or failed (pinned for ``pin_session`` if
+        resident); None when it is gone or is not of that registered model."""
         with self._lock:
-            r = self._failed.get(load_id)
-            if r is None:
-                r = self._by_uid.get(m.uid)
-                if r is None or r.load_id != load_id or r.state == FAILED:
-                    return None
-                if pin_session is not None:
-                    r.pins[pin_session] = r.pins.get(pin_session, 0) + 1
-            return r if r.manifest.uid == m.uid else None
+            r = self._failed.get(load_id) or next(
+                (x for x in self._by_uid.values() if x.load_id == load_id), None
+            )
+            if r is None or r.name != name or (uid is not None and r.manifest.uid != uid):
+                return None
+            if r.state != FAILED and pin_session is not None:
+                r.pins[pin_session] = r.pins.get(pin_session, 0) + 1
+            return r
 
     def _allocate(self, m: Manifest) -> int:
         if m.nbytes > self.arena.size:
