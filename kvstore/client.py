@@ -148,18 +148,18 @@ class Client:
         except grpc.FutureTimeoutError:
             ch.close()
             raise DaemonUnavailable(w.unavailable_msg(self.target)) from None
-        self._channel = ch
-        self._stub = pb_grpc.KVStoreStub(ch)
+        stub = pb_grpc.KVStoreStub(ch)
         try:
-            resp = self._stub.OpenSession(
+            resp = stub.OpenSession(
                 pb.OpenSessionRequest(
                     client_name=self.name, client_pid=os.getpid(), previous_session_id=previous
                 ),
                 timeout=self.timeout,
             )
         except grpc.RpcError as exc:
-            ch.close()
+            ch.close()  # not kept: later calls say "client is closed", not a closed channel
             raise from_rpc_error(exc) from None
+        self._channel, self._stub = ch, stub
         self.session_id = resp.session_id
         self._models_held.reopened(resp.adopted_models, previous, self.session_id)
         self._arena = w.map_arena(resp.arena.path, resp.arena.size)

@@ -49,3 +49,39 @@ def test_reconnect_waits_for_the_restarted_daemons_socket(make_daemon: type[Daem
             assert c.stats()["sessions"]["open"] == 1
         finally:
             restart.join()
+
+
+def test_a_reconnect_refused_by_the_daemon_leaves_the_client_closed_cleanly(
+    daemon: DaemonProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenSession failing (the daemon answers, but refuses) is a DaemonUnavailable-style
+    error, and later calls say the client is closed (not "closed channel")."""
+    import grpc
+
+    from kvstore import client as client_mod
+    from kvstore.errors import KVStoreError
+
+    class Refused(grpc.RpcError):
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self) -> str:
+            return "the daemon is shutting down"
+
+    class RefusingStub:
+        def __init__(self, ch: grpc.Channel) -> None:
+            pass
+
+        def OpenSession(self, *a: object, **kw: object) -> None:
+            raise Refused()
+
+    c = Client(daemon.socket, timeout=5.0)
+    monkeypatch.setattr(client_mod.pb_grpc, "KVStoreStub", RefusingStub)
+    with pytest.raises(KVStoreError, match="shutting down"):
+        c.reconnect()
+    with pytest.raises(DaemonUnavailable, match="client is closed"):
+        c.stats()
+    monkeypatch.undo()
+    c.reconnect()  # and a later reconnect works
+    assert c.stats()["sessions"]["open"] == 1
+    c.close()
