@@ -5,7 +5,6 @@ and a Models daemon in its own process."""
 from __future__ import annotations
 
 import contextlib
-import math
 import mmap
 import os
 import shutil
@@ -118,14 +117,6 @@ class RawReader:
         self.direct = st.direct
         self.samples.setdefault(kind, []).append(st.seconds)
         return st.seconds
-
-    def read_here(self, path: Path, nbytes: int, files: list[Path]) -> float:
-        best = math.inf
-        for i, kind in enumerate(("ring", "anon", "shm")):
-            if i:
-                drop_caches(files)
-            best = min(best, self.read_one(kind, path, nbytes))
-        return best
 
     def read_fresh(self, path: Path, nbytes: int) -> float:
         out = subprocess.run(

@@ -12,6 +12,12 @@ imports); memcpy of warm pages (the limit for warm loads).
 
 "Usable" means every page of every tensor is mapped/read: each method's result is
 touched (one read per 4 KiB page) inside its timing, so lazy mmaps count their I/O.
+
+Each round reads the file raw four times (into a reused ring, an anonymous buffer,
+a shared-memory buffer, and a ring in a fresh process) and cold-loads it as many
+times, alternating, each after its own cache drop.  The round's limit is its fastest
+raw read and the round's cold load its fastest load: the same statistic on the same
+number of tries (the median single load is reported too).
 """
 
 from __future__ import annotations
@@ -48,6 +54,10 @@ from loader.store import ModelStore, resolve_sources
 CHARTS = Path(__file__).resolve().parent / "charts"
 QUICK_CHART = Path(__file__).resolve().parent / "out" / "weight_swap_quick.png"  # not committed
 LOG = sys.stderr
+FRESH = "ring, fresh process"
+RAW_KINDS = ("ring", "anon", "shm", FRESH)
+"""The raw reads of each round (``RawReader``'s destinations, and its ring from a
+fresh process); each round also makes as many cold loads, alternating with them."""
 
 
 def log(msg: str) -> None:
@@ -254,16 +264,18 @@ def _run(args: argparse.Namespace, work: Path, model_bytes: int) -> dict[str, An
     with contextlib.closing(RawReader(ma.nbytes)) as raw, daemon(store_dir, budget) as sock:
         res["prefault_s"] = time.perf_counter() - t0
         stub = client._stub(sock)
-        steps = (repeats + 1) * (7 + len(peers))
+        steps = (repeats + 1) * (4 + 2 * len(RAW_KINDS) + len(peers))
         bar = tqdm(total=steps, desc="weight-swap", unit="step", file=LOG)
 
-        def cold_raw() -> None:
-            s = raw.read_here(data_a, ma.nbytes, all_files)
-            add("raw_bench_process_gbps", nbytes / s / 1e9)
+        def cold_raw(kind: str) -> Callable[[], None]:
+            def read() -> None:
+                if kind == FRESH:
+                    s = raw.read_fresh(data_a, ma.nbytes)
+                else:
+                    s = raw.read_one(kind, data_a, ma.nbytes)
+                add(f"raw:{kind}", nbytes / s / 1e9)
 
-        def cold_raw_fresh() -> None:
-            s = raw.read_fresh(data_a, ma.nbytes)
-            add("raw_fresh_process_gbps", nbytes / s / 1e9)
+            return read
 
         def cold_kvstore() -> None:
             t0 = time.perf_counter()
@@ -284,7 +296,11 @@ def _run(args: argparse.Namespace, work: Path, model_bytes: int) -> dict[str, An
 
             return run_peer
 
-        cold: list[Callable[[], None]] = [cold_raw, cold_raw_fresh, cold_kvstore]
+        # As many cold loads as raw reads per round, alternating: the round's limit is
+        # the fastest of its raw reads, and our figure the fastest of as many loads.
+        cold: list[Callable[[], None]] = []
+        for kind in RAW_KINDS:
+            cold += [cold_raw(kind), cold_kvstore]
         cold += [cold_peer(k, f) for k, f in peers.items()]
         # Round -1 warms every method up and is not recorded: a process's first call
         # of anything (thread pools, torch's first ops on a dtype, gRPC's first calls)
@@ -303,11 +319,10 @@ def _run(args: argparse.Namespace, work: Path, model_bytes: int) -> dict[str, An
                 res["cache_drop"] = drop_caches(all_files) or "ok"
                 fn()
                 bar.update()
-            # The round's limit: the faster of the two raw reads (conservative for us).
-            add(
-                "raw_read_gbps",
-                max(samples["raw_bench_process_gbps"][-1], samples["raw_fresh_process_gbps"][-1]),
-            )
+            # The round's limit: the fastest of its raw reads; ours: the fastest of as
+            # many cold loads (every single load is kept too, for the table).
+            add("raw_read_gbps", max(samples[f"raw:{k}"][-1] for k in RAW_KINDS))
+            add("cold_best_gbps", max(samples["cold_load_gbps"][-len(RAW_KINDS) :]))
             # warm: resident in the daemon, a fresh mapping in the client
             ta = client.load_model(stub, "A", session_id=1)
             t0 = time.perf_counter()
@@ -353,9 +368,15 @@ def _run(args: argparse.Namespace, work: Path, model_bytes: int) -> dict[str, An
     med = {k: statistics.median(v) for k, v in samples.items()}
     peer_cold = {k[5:]: v for k, v in med.items() if k.startswith("peer:")}
     res.update(
-        cold_load_gbps=med["cold_load_gbps"],
+        cold_load_gbps=med["cold_best_gbps"],
         raw_read_gbps=med["raw_read_gbps"],
-        cold_ratio_to_raw=med["cold_load_gbps"] / med["raw_read_gbps"],
+        cold_ratio_to_raw=med["cold_best_gbps"] / med["raw_read_gbps"],
+        cold_load_single_gbps=med["cold_load_gbps"],
+        cold_ratio_single_to_raw=med["cold_load_gbps"] / med["raw_read_gbps"],
+        cold_ratio_by_round=[
+            round(c / r, 4)
+            for c, r in zip(samples["cold_best_gbps"], samples["raw_read_gbps"], strict=True)
+        ],
         best_peer_cold_gbps=max(peer_cold.values()),
         best_peer=max(peer_cold, key=lambda k: peer_cold[k]),
         peers_cold_gbps=peer_cold,
@@ -385,25 +406,24 @@ def table(res: dict[str, Any]) -> str:
             "raw direct read (limit)",
             res["raw_read_gbps"],
             spread("raw_read_gbps"),
-            "per round: max of",
+            f"per round: the fastest of {len(RAW_KINDS)}:",
         ),
-        (
-            "  best of ring/anon/shm destinations",
-            statistics.median(s["raw_bench_process_gbps"]),
-            spread("raw_bench_process_gbps"),
-            "",
-        ),
-        (
-            "  ring, from a fresh process",
-            statistics.median(s["raw_fresh_process_gbps"]),
-            spread("raw_fresh_process_gbps"),
-            "",
-        ),
+    ]
+    rows += [
+        (f"  into {k}", statistics.median(s[f"raw:{k}"]), spread(f"raw:{k}"), "") for k in RAW_KINDS
+    ]
+    rows += [
         (
             "kvstore cold load",
             res["cold_load_gbps"],
+            spread("cold_best_gbps"),
+            f"{res['cold_ratio_to_raw']:.0%} of raw (per round: the fastest of {len(RAW_KINDS)})",
+        ),
+        (
+            "  one cold load (median of all)",
+            res["cold_load_single_gbps"],
             spread("cold_load_gbps"),
-            f"{res['cold_ratio_to_raw']:.0%} of raw",
+            f"{res['cold_ratio_single_to_raw']:.0%} of raw",
         ),
         (
             "  of which the daemon's verified read",

@@ -33,6 +33,17 @@ def test_weight_swap_json(tmp_path: Path) -> None:
     for k in KEYS:
         assert isinstance(res[k], float) and res[k] > 0, k
     assert "torch.load" in res["peers_cold_gbps"]
+    # As many cold loads as raw reads in the round; each side's fastest is compared.
+    from bench.weight_swap import RAW_KINDS
+
+    assert len(res["samples"]["cold_load_gbps"]) == len(RAW_KINDS)
+    assert all(len(res["samples"][f"raw:{k}"]) == 1 for k in RAW_KINDS)
+    # (the samples in the JSON are rounded to 4 decimals)
+    fastest_raw = max(res["samples"][f"raw:{k}"][0] for k in RAW_KINDS)
+    assert res["raw_read_gbps"] == pytest.approx(fastest_raw, abs=1e-4)
+    assert res["cold_load_gbps"] == pytest.approx(max(res["samples"]["cold_load_gbps"]), abs=1e-4)
+    assert res["cold_load_single_gbps"] <= res["cold_load_gbps"]
+    assert res["cold_ratio_by_round"] == [round(res["cold_ratio_to_raw"], 4)]
     assert (tmp_path / "c.png").stat().st_size > 1000
     assert "swap A->B" in out.stderr
     # A given work dir keeps what was there; the run's own files are gone.
