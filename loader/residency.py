@@ -276,6 +276,8 @@ class ResidencyManager:
             ModelNotFoundError: ``old`` is not registered, or ``session_id`` holds no
                 pin on it (a swap from a model the caller does not hold is a caller
                 bug); checked before anything is loaded, pinned or released.
+            ModelBudgetError: no room for ``new`` while ``old`` is pinned (a swap
+                needs room for both; the message says to release ``old`` first).
         """
         if old and not self.pins(old, session_id):
             self.store.get(old)  # not registered: "no model named ..." with the known ones
@@ -283,7 +285,16 @@ class ResidencyManager:
                 f"cannot swap from model {old!r}: session {session_id} holds no pin on it "
                 f"(swap from the model you loaded; to load {new!r} alone, use load_model)"
             )
-        r = self.acquire(new, session_id, pin=True)
+        try:
+            r = self.acquire(new, session_id, pin=True)
+        except ModelBudgetError as exc:
+            if not old or old == new:
+                raise
+            raise ModelBudgetError(
+                f"{exc}. A swap loads {new!r} before it unpins {old!r}, so that a failed "
+                f"swap leaves {old!r} usable: it needs room for both. Where only one fits, "
+                f"release {old!r} first, then load {new!r}"
+            ) from None
         released = self.release(old, session_id) if old and old != new else 0
         return r, released
 
@@ -375,7 +386,7 @@ class ResidencyManager:
                 raise ModelBudgetError(
                     f"model {m.name!r} needs {m.nbytes} bytes; the DRAM budget for models "
                     f"({self.arena.size} bytes) is held by pinned or loading models: "
-                    f"{', '.join(busy)}; release or swap one first"
+                    f"{', '.join(busy)}; release one first"
                 )
             self._drop(cast(Resident, victims[0]))
             self.counters.evictions += 1

@@ -129,6 +129,30 @@ def test_budget_exhausted_by_pins(tmp_path: Path) -> None:
         gen.close()
 
 
+def test_swap_where_only_one_model_fits(tmp_path: Path) -> None:
+    from loader.config import ModelsConfig
+    from tests.loader.conftest import _start
+
+    gen = _start(tmp_path / "data", ModelsConfig(dram_budget=1 << 20, prefault=False))
+    srv = next(gen)
+    try:
+        ref_a = _add(srv, tmp_path, "a", 1, layers=12)  # ~0.7 MiB each: one fits
+        ref_b = _add(srv, tmp_path, "b", 2, layers=12)
+        got_a = client.load_model(srv.channel, "a", session_id=3)
+        # The error says why (room for both) and what to do; "a" stays pinned and usable.
+        with pytest.raises(ModelBudgetError, match="needs room for both.*release 'a' first"):
+            client.swap_models(srv.channel, "a", "b", session_id=3)
+        states = {m["name"]: m for m in client.list_models(srv.channel)}
+        assert states["a"]["pins"] == 1 and states["a"]["state"] == "ready"
+        assert torch.equal(got_a["embed.weight"], ref_a["embed.weight"])
+        # What the message says works.
+        client.release_model(srv.channel, "a", session_id=3)
+        got_b = client.load_model(srv.channel, "b", session_id=3)
+        assert torch.equal(got_b["embed.weight"], ref_b["embed.weight"])
+    finally:
+        gen.close()
+
+
 def test_unknown_model(server: ServerHandle) -> None:
     with pytest.raises(ModelNotFoundError, match="nope") as ei:
         client.load_model(server.channel, "nope")
