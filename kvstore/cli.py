@@ -272,6 +272,11 @@ def format_stats(st: dict[str, Any]) -> str:
             f"resident: {resident}  loads {m['loads']}  hits {m['hits']}  "
             f"evictions {m['evictions']}"
             + (f"  parked sessions {m['parked_sessions']}" if m.get("parked_sessions") else "")
+            + (
+                f"  arena pages: {runs} contiguous runs per 4 MiB"
+                if (runs := m.get("arena_runs_per_4mib", -1)) > 0
+                else ""
+            )
         )
     return "\n".join(lines)
 

@@ -25,8 +25,11 @@ holds aside every free block below 2 MiB (``loader.arena.ARENA_SOAK_ORDER``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
+import statistics
+import struct
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,3 +129,47 @@ def one_cpu() -> Iterator[int]:
     finally:
         with contextlib.suppress(OSError):
             os.sched_setaffinity(tid, before)
+
+
+_PFN_MASK = (1 << 55) - 1  # bits 0-54 of a /proc/self/pagemap entry: the page frame
+
+
+def contiguous_runs(
+    buf: mmap.mmap, samples: int = 64, window: int = 4 << 20, pagemap: str = "/proc/self/pagemap"
+) -> int | None:
+    """How scattered the pages of ``buf`` (faulted in) are: the median number of
+    physically contiguous runs per ``window`` bytes (a 4 MiB read's scatter-gather
+    segments; a virtio disk splits a request above 254), over up to ``samples``
+    windows spread evenly over ``buf``.
+
+    ``None`` where the kernel does not show page frames (``/proc/self/pagemap`` reads
+    zeros without ``CAP_SYS_ADMIN``) or has no such file.
+    """
+    page = mmap.PAGESIZE
+    per = window // page
+    nwin = len(buf) // window
+    if nwin == 0:
+        return None
+    anchor = (ctypes.c_char * 1).from_buffer(buf)
+    try:
+        base = ctypes.addressof(anchor) // page
+    finally:
+        del anchor  # the export would keep ``buf`` from closing
+    step = max(1, nwin // samples)
+    runs: list[int] = []
+    try:
+        with open(pagemap, "rb") as f:
+            for w in range(0, nwin, step):
+                f.seek((base + w * per) * 8)
+                pfns = [e & _PFN_MASK for e in struct.unpack(f"{per}Q", f.read(per * 8))]
+                if not all(pfns):
+                    return None  # no frames shown (not privileged) or a page not present
+                runs.append(run_count(pfns))
+    except (OSError, struct.error):
+        return None
+    return int(statistics.median(runs))
+
+
+def run_count(pfns: list[int]) -> int:
+    """Runs of consecutive page frames in ``pfns`` (pages in virtual order)."""
+    return 1 + sum(1 for a, b in zip(pfns, pfns[1:], strict=False) if b != a + 1) if pfns else 0

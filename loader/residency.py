@@ -482,6 +482,11 @@ class ResidencyManager:
                 "prefaulted": a.prefaulted if a is not None else 0,
                 "prefault_soaked": a.soaked if a is not None else 0,
                 "prefault_seconds": round(a.prefault_seconds, 3) if a is not None else 0.0,
+                # Physically contiguous runs per 4 MiB of the arena (median of samples;
+                # -1: unknown, not root). Direct reads split requests above 254.
+                "arena_runs_per_4mib": (
+                    a.runs_per_4mib if a is not None and a.runs_per_4mib is not None else -1
+                ),
                 "resident": sorted(r.name for r in self._by_uid.values()),
                 "parked_sessions": len(self._parked),
                 "loads": c.loads,

@@ -75,6 +75,12 @@ def test_models_through_the_daemon(daemon: tuple[DaemonProc, Models]) -> None:
 
         text = format_stats(c.stats())  # `kvstore stats` shows the models too
         assert "models DRAM" in text and "resident: a " in text and "loads 1" in text, text
+        # No pre-fault in this config: the arena's contiguity is unknown, and not shown.
+        assert c.stats()["models"]["arena_runs_per_4mib"] == -1
+        assert "contiguous runs" not in text
+        st = c.stats()
+        st["models"]["arena_runs_per_4mib"] = 7
+        assert "arena pages: 7 contiguous runs per 4 MiB" in format_stats(st)
         c.close()
         assert mclient.list_models(ch)[0]["pins"] == 0  # the session's pins went with it
 

@@ -9,7 +9,13 @@ import psutil
 import pytest
 
 from loader.arena import ModelArena
-from loader.physmem import small_free_bytes, soaked_small_blocks
+from loader.physmem import (
+    MADV_POPULATE_WRITE,
+    contiguous_runs,
+    run_count,
+    small_free_bytes,
+    soaked_small_blocks,
+)
 
 BUDDYINFO = """\
 Node 0, zone      DMA      0      0      0      0      0      0      0      0      1      1      3
@@ -115,3 +121,44 @@ def test_one_cpu_pins_the_thread_and_restores_it() -> None:
     with pytest.raises(RuntimeError), one_cpu():
         raise RuntimeError("boom")
     assert os.sched_getaffinity(tid) == before
+
+
+def test_run_count_counts_runs_of_consecutive_frames() -> None:
+    assert run_count([]) == 0
+    assert run_count([7]) == 1
+    assert run_count([5, 6, 7, 8]) == 1
+    assert run_count([5, 6, 100, 101, 3]) == 3
+    assert run_count([9, 8, 7]) == 3  # descending frames are not one run
+
+
+def test_contiguous_runs_of_a_real_mapping(tmp_path: Path) -> None:
+    buf = mmap.mmap(-1, 8 << 20)
+    try:
+        buf.madvise(MADV_POPULATE_WRITE)
+        runs = contiguous_runs(buf)
+        if runs is None:  # unprivileged: the kernel shows no frames, the answer is unknown
+            pytest.skip("/proc/self/pagemap shows no page frames here (not root)")
+        assert 1 <= runs <= (4 << 20) // PAGE
+        # A pagemap that reads short, or zeros (what an unprivileged read gives): None.
+        short = tmp_path / "short"
+        short.write_bytes(b"")
+        assert contiguous_runs(buf, pagemap=str(short)) is None
+        # (a sparse file: zeros at the mapping's offset, nothing stored)
+        zeros = tmp_path / "zeros"
+        with open(zeros, "wb") as f:
+            f.truncate(1 << 40)  # past any user address / 4 KiB * 8 (2**47 / 2**9)
+        assert contiguous_runs(buf, pagemap=str(zeros)) is None
+        assert contiguous_runs(buf, pagemap=str(tmp_path / "missing")) is None
+    finally:
+        buf.close()  # the probe left no export behind: close() does not raise
+
+
+def test_arena_reports_its_contiguity(tmp_path: Path) -> None:
+    arena = ModelArena(str(tmp_path), 8 << 20, prefault=True)
+    try:
+        assert arena.wait_prefaulted(30)
+        if arena.runs_per_4mib is None:
+            pytest.skip("/proc/self/pagemap shows no page frames here (not root)")
+        assert 1 <= arena.runs_per_4mib <= (4 << 20) // PAGE
+    finally:
+        arena.close()
