@@ -124,7 +124,8 @@ def _run(args: argparse.Namespace, work: Path, nbytes: int) -> dict[str, Any]:
             }
             budget = int(m.nbytes * 1.1) + (64 << 20)
             t0 = time.perf_counter()
-            with lim.daemon(work / "store", budget, flags) as sock:
+            info: dict[str, Any] = {}
+            with lim.daemon(work / "store", budget, flags, info) as sock:
                 start_s = time.perf_counter() - t0  # to "ready": the arena pre-faulted
                 stub = client._stub(sock)
                 _load(stub, populate)  # warm-up, not recorded
@@ -143,6 +144,7 @@ def _run(args: argparse.Namespace, work: Path, nbytes: int) -> dict[str, Any]:
             for k in ("raw_requests", "load_requests"):
                 res["configs"][name][k] = [int(x) for x in samples[k]]
             res["configs"][name]["daemon_start_s"] = round(start_s, 3)
+            res["configs"][name]["arena_runs_per_4mib"] = info.get("arena_runs_per_4mib", -1)
     finally:
         bar.close()
         raw.close()
@@ -154,8 +156,8 @@ def table(res: dict[str, Any]) -> str:
     out = [
         f"model: {res['model_bytes'] / 1e9:.2f} GB; means of {res['rounds']} rounds, "
         "seconds (x the raw read's mean)",
-        head + f" {'+ touch':>14} {'start':>6} {'requests (raw/load)':>20}",
-        "-" * (len(head) + 43),
+        head + f" {'+ touch':>14} {'start':>6} {'requests (raw/load)':>20} {'runs/4MiB':>9}",
+        "-" * (len(head) + 53),
     ]
     for name, s in res["configs"].items():
         raw = statistics.mean(s["raw_s"])
@@ -166,6 +168,8 @@ def table(res: dict[str, Any]) -> str:
         cells.append(f"{s['daemon_start_s']:>5.1f}s")
         rq = f"{statistics.mean(s['raw_requests']):.0f}/{statistics.mean(s['load_requests']):.0f}"
         cells.append(f"{rq:>20}")
+        runs = s.get("arena_runs_per_4mib", -1)
+        cells.append(f"{runs if runs > 0 else '?':>9}")
         out.append(f"{name:<41} " + " ".join(cells))
     return "\n".join(out)
 

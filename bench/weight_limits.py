@@ -151,7 +151,12 @@ def memcpy_gbps(nbytes: int = 256 << 20) -> float:
 
 # ---------------------------------------------------------------------- daemon
 @contextlib.contextmanager
-def daemon(data_dir: Path, budget: int, extra: Sequence[str] = ()) -> Iterator[str]:
+def daemon(
+    data_dir: Path, budget: int, extra: Sequence[str] = (), info: dict[str, Any] | None = None
+) -> Iterator[str]:
+    """A Models daemon in its own process, ready once its arena is pre-faulted; yields
+    its socket.  ``info`` (if given) gets ``arena_runs_per_4mib`` from its ready line:
+    the arena's physically contiguous runs per 4 MiB (-1: unknown, not root)."""
     sock_dir = Path(tempfile.mkdtemp(prefix="kvws", dir="/tmp"))  # short: socket path limit
     sock = str(sock_dir / "models.sock")
     cmd = [sys.executable, "-m", "loader.service", "--data-dir", str(data_dir)]
@@ -162,6 +167,9 @@ def daemon(data_dir: Path, budget: int, extra: Sequence[str] = ()) -> Iterator[s
         line = proc.stdout.readline()
         if not line.startswith("ready"):
             raise RuntimeError(f"models daemon did not start (exit {proc.wait()})")
+        if info is not None:
+            fields = dict(f.split("=", 1) for f in line.split()[2:] if "=" in f)
+            info["arena_runs_per_4mib"] = int(fields.get("arena_runs_per_4mib", -1))
         yield sock
     finally:
         proc.terminate()

@@ -261,8 +261,13 @@ def _run(args: argparse.Namespace, work: Path, model_bytes: int) -> dict[str, An
     budget = int((ma.nbytes + mb.nbytes) * 1.1) + (64 << 20)
     t0 = time.perf_counter()
     # Closed however the run ends (a failed daemon start included).
-    with contextlib.closing(RawReader(ma.nbytes)) as raw, daemon(store_dir, budget) as sock:
+    info: dict[str, Any] = {}
+    with (
+        contextlib.closing(RawReader(ma.nbytes)) as raw,
+        daemon(store_dir, budget, info=info) as sock,
+    ):
         res["prefault_s"] = time.perf_counter() - t0
+        res["arena_runs_per_4mib"] = info["arena_runs_per_4mib"]
         stub = client._stub(sock)
         steps = (repeats + 1) * (4 + 2 * len(RAW_KINDS) + len(peers))
         bar = tqdm(total=steps, desc="weight-swap", unit="step", file=LOG)
@@ -454,7 +459,8 @@ def table(res: dict[str, Any]) -> str:
     out = [
         f"model: {gb:.2f} GB, {res['num_tensors']} tensors, {res['repeats']} repeat(s) "
         "after one unrecorded warm-up round; "
-        f"cache drop: {res['cache_drop']}",
+        f"cache drop: {res['cache_drop']}; the daemon's arena: "
+        + (f"{r} contiguous runs per 4 MiB" if (r := res["arena_runs_per_4mib"]) > 0 else "?"),
         f"{'what':<38} {'GB/s':>7} {'spread':>11}  note",
         "-" * 72,
     ]

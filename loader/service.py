@@ -347,7 +347,9 @@ async def _serve(args: argparse.Namespace) -> None:
     await server.start()
     if args.wait_prefault and _servicer is not None:
         await asyncio.to_thread(_servicer.manager.wait_ready)
-    print(f"ready {args.socket}", flush=True)
+    # The arena's contiguity once pre-faulted (-1: unknown), for the benchmarks.
+    runs = _servicer.manager.stats()["arena_runs_per_4mib"] if _servicer is not None else -1
+    print(f"ready {args.socket} arena_runs_per_4mib={runs}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,9 +25,11 @@ def test_load_gap_small_run(tmp_path: Path) -> None:
     for name, s in res["configs"].items():
         assert set(s) == {
             *("raw_s", "daemon_read_s", "open_s", "touched_s", "daemon_start_s"),
-            *("raw_requests", "load_requests"),
+            *("raw_requests", "load_requests", "arena_runs_per_4mib"),
         }
         assert s.pop("daemon_start_s") > 0
+        # The arena's contiguity from the daemon's ready line (-1: unknown, not root).
+        assert s.pop("arena_runs_per_4mib") >= (1 if os.geteuid() == 0 else -1)
         # Counted when the data sits on a block device (0 on e.g. an overlay or tmpfs).
         for k in ("raw_requests", "load_requests"):
             assert len(s[k]) == 2 and all(isinstance(x, int) and x >= 0 for x in s.pop(k))

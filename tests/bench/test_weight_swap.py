@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,10 @@ def test_weight_swap_json(tmp_path: Path) -> None:
     assert res["cold_load_gbps"] == pytest.approx(max(res["samples"]["cold_load_gbps"]), abs=1e-4)
     assert res["cold_load_single_gbps"] <= res["cold_load_gbps"]
     assert res["cold_ratio_by_round"] == [round(res["cold_ratio_to_raw"], 4)]
+    # The daemon's ready line says how contiguous its arena came out (-1: not root).
+    assert isinstance(res["arena_runs_per_4mib"], int)
+    if os.geteuid() == 0:
+        assert res["arena_runs_per_4mib"] >= 1
     assert (tmp_path / "c.png").stat().st_size > 1000
     assert "swap A->B" in out.stderr
     # A given work dir keeps what was there; the run's own files are gone.
