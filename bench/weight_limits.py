@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from loader.arena import ARENA_SOAK_ORDER
-from loader.physmem import MADV_POPULATE_WRITE, one_cpu, soaked_small_blocks
+from loader.physmem import MADV_POPULATE_WRITE, one_cpu, soak_limit, soaked_small_blocks
 from loader.pipeline import HostSink, NullSink, ReadPipeline
 
 OPTIONS: dict[str, Any] = {"settle_s": 2.0, "global_drop": True}
@@ -96,7 +96,7 @@ class RawReader:
     def __init__(self, nbytes: int) -> None:
         # Faulted in while the kernel's scattered free pages are held aside, as the
         # daemon's arena is: the limit is the disk's, not a fragmented buffer's.
-        with one_cpu(), soaked_small_blocks(2 * nbytes, ARENA_SOAK_ORDER):
+        with one_cpu(), soaked_small_blocks(soak_limit(2 * nbytes), ARENA_SOAK_ORDER):
             self.pipes = [raw_pipeline(), ReadPipeline(64, 1, 8 << 20, max_inflight=64)]
             self._anon = mmap.mmap(-1, nbytes)
             self._anon.madvise(MADV_POPULATE_WRITE)

@@ -21,14 +21,13 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
-
 from loader.errors import ModelStoreError
 from loader.paths import user_path
 from loader.physmem import (
     MADV_POPULATE_WRITE,
     contiguous_runs,
     one_cpu,
+    soak_limit,
     soaked_small_blocks,
 )
 
@@ -138,9 +137,8 @@ class ModelArena:
         # into more requests and ran up to 3.7x slower here (loader/physmem.py).
         t0 = time.perf_counter()
         try:
-            # At most twice the arena (a small arena need not wait for gigabytes) and a
-            # quarter of available memory.
-            limit = min(2 * self.size, psutil.virtual_memory().available // 4)
+            # Every small free block, up to a quarter of available memory (soak_limit).
+            limit = soak_limit(self.size)
             # On one CPU throughout: free pages are cached per CPU, so pages held aside
             # on one CPU would leave the other CPU's scattered cache to the arena.
             with one_cpu(), soaked_small_blocks(limit, ARENA_SOAK_ORDER) as self.soaked:
