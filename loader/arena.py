@@ -114,7 +114,7 @@ class ModelArena:
         self.allocator = ExtentAllocator(size)
         self.prefaulted = 0
         self.soaked = 0  # bytes of scattered free pages held aside while pre-faulting
-        # Median physically contiguous runs per 4 MiB once pre-faulted (None: unknown)
+        # Mean physically contiguous runs per 4 MiB once pre-faulted (None: unknown)
         self.runs_per_4mib: int | None = None
         self.prefault_seconds = 0.0
         self._stop = threading.Event()

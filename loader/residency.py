@@ -482,7 +482,7 @@ class ResidencyManager:
                 "prefaulted": a.prefaulted if a is not None else 0,
                 "prefault_soaked": a.soaked if a is not None else 0,
                 "prefault_seconds": round(a.prefault_seconds, 3) if a is not None else 0.0,
-                # Physically contiguous runs per 4 MiB of the arena (median of samples;
+                # Physically contiguous runs per 4 MiB of the arena (mean of samples;
                 # -1: unknown, not root). Direct reads split requests above 254.
                 "arena_runs_per_4mib": (
                     a.runs_per_4mib if a is not None and a.runs_per_4mib is not None else -1
