@@ -288,8 +288,8 @@ class ResidencyManager:
         try:
             r = self.acquire(new, session_id, pin=True)
         except ModelBudgetError as exc:
-            if not old or old == new:
-                raise
+            if not old or old == new or self.store.get(new).nbytes > self.arena.size:
+                raise  # (the last: larger than the whole budget, releasing cannot help)
             raise ModelBudgetError(
                 f"{exc}. A swap loads {new!r} before it unpins {old!r}, so that a failed "
                 f"swap leaves {old!r} usable: it needs room for both. Where only one fits, "

@@ -145,6 +145,11 @@ def test_swap_where_only_one_model_fits(tmp_path: Path) -> None:
         states = {m["name"]: m for m in client.list_models(srv.channel)}
         assert states["a"]["pins"] == 1 and states["a"]["state"] == "ready"
         assert torch.equal(got_a["embed.weight"], ref_a["embed.weight"])
+        # A model larger than the whole budget: no such hint (releasing cannot help).
+        _add(srv, tmp_path, "huge", 3, layers=30)
+        with pytest.raises(ModelBudgetError, match="raise models.dram_budget") as ei:
+            client.swap_models(srv.channel, "a", "huge", session_id=3)
+        assert "room for both" not in str(ei.value)
         # What the message says works.
         client.release_model(srv.channel, "a", session_id=3)
         got_b = client.load_model(srv.channel, "b", session_id=3)
