@@ -28,7 +28,10 @@ and for blocks that come back after eviction (from the history), and in the
 global clock (what a plain LRU of the whole tier would have seen).  Those
 histograms are miss-ratio curves; every half-tier of references the window size
 is set to the split that would have hit most over recent (decayed) history, or
-the policy becomes plain LRU when that would have hit more.  With reuse distances
+the policy becomes plain LRU when that would have hit more.  A split with a larger
+window is approached at most twofold per period: growing the window evicts reused
+blocks from main at once, and the first choices rest on little data (shrinking it,
+or switching to and from LRU mode, is not bounded).  With reuse distances
 beyond the tier the window shrinks to a filter; with reuses that an LRU of the
 whole tier catches, it turns into LRU.  Sizes are in blocks: when the size hint
 is off (blocks much larger or smaller than typical), the real size is learnt the
@@ -105,7 +108,8 @@ class ChainPolicy(EvictionPolicy):
         self._held_min, self._held_max = (cap + 1) // 2, 2 * cap
 
     def _resize(self) -> None:
-        """Window size := the split whose two LRU segments would have hit most."""
+        """Window size := the split whose two LRU segments would have hit most (a
+        larger window: at most twice the current one)."""
         win, main, glob = self._dist
         cum_w = [0.0]
         for k in range(SPLITS):
@@ -123,9 +127,14 @@ class ChainPolicy(EvictionPolicy):
             # A plain LRU of the whole tier would have hit at least as much.
             best_k = SPLITS
         floor = max(1, int(self.capacity_blocks * MIN_WINDOW_FRACTION))
-        self._window = (
-            self.capacity_blocks if best_k == SPLITS else max(floor, best_k * self._width)
-        )
+        if best_k == SPLITS:
+            self._window = self.capacity_blocks
+        else:
+            # A larger window evicts reused blocks from main at once (a smaller one
+            # only sheds blocks seen once), and early choices rest on little data:
+            # the window grows at most twofold per period.  (From LRU mode, whose
+            # window is the whole tier, any split is a shrink.)
+            self._window = min(max(floor, best_k * self._width), 2 * self._window)
         self._lru_mode = self._window >= self.capacity_blocks
         self._hist_limit = HISTORY_FACTOR * max(self.capacity_blocks, len(self))
         for d in self._dist:

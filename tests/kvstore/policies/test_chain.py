@@ -123,3 +123,30 @@ def test_rescale_bounds_are_the_observed_capacity_rule() -> None:
         for held in range(0, 3 * cap + 2):
             off = held < p._held_min or held > p._held_max
             assert off == (2 * held < cap or held > 2 * cap), (cap, held)
+
+
+def test_the_window_grows_at_most_twofold_per_period_and_shrinks_at_once() -> None:
+    """A larger split is approached by doubling (growing evicts reused blocks from
+    main at once); a smaller split, or LRU mode and back, is taken at once."""
+    p = ChainPolicy(64 * 32)  # width 64 blocks, window floor 32
+    start = p._window
+    sizes = []
+    for _ in range(7):
+        # Every period: window reuses at every distance below 30/32 of the tier.
+        p._dist[0][:30] = [100.0] * 30
+        p._resize()
+        sizes.append(p._window)
+    assert sizes == [2 * start, 4 * start, 8 * start, 16 * start, 32 * start, 30 * 64, 30 * 64]
+    assert not p._lru_mode
+    p._dist[0][:] = [0.0] * len(p._dist[0])
+    p._dist[1][:] = [0.0] * len(p._dist[1])
+    p._dist[1][0] = 100.0  # only main reuses now: the smallest window, at once
+    p._resize()
+    assert p._window == start
+    p._dist[2][0] = 1000.0  # a plain LRU of the tier would hit more: LRU mode at once
+    p._resize()
+    assert p._lru_mode and p._window == p.capacity_blocks
+    p._dist[2][0] = 0.0
+    p._dist[1][0] = 100.0  # and back to the smallest window at once
+    p._resize()
+    assert not p._lru_mode and p._window == start
