@@ -153,12 +153,12 @@ def test_real_trace_default_policy_at_5_percent(mooncake_trace: Path) -> None:
     refs = sum(map(len, trace))
     opt = tr.opt_hits(trace, tr.capacity_of(trace, 0.05)) / refs
     ours = tr.run_one(trace, DEFAULT_POLICY, 0.05).hit_rate
-    # What is achieved (a regression floor): ~46% of OPT, LRU is at ~36%.
-    assert ours >= 0.44 * opt
+    # What is achieved (a regression floor): ~47% of OPT, LRU is at ~36%.
+    assert ours >= 0.46 * opt
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue target not reached: ~46% of OPT (see policies.md)")
+@pytest.mark.xfail(strict=True, reason="issue target not reached: ~47% of OPT (see policies.md)")
 def test_real_trace_target_60_percent_of_opt(mooncake_trace: Path) -> None:
     trace = tr.load_trace(mooncake_trace)
     refs = sum(map(len, trace))
