@@ -168,7 +168,7 @@ def test_real_trace_target_60_percent_of_opt(mooncake_trace: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    strict=False, reason="issue target not reached on this 2-core VM (see policies.md)"
+    strict=True, reason="issue target not reached: chain at 5% runs ~80-200k here (see policies.md)"
 )
 def test_real_trace_replay_speed(mooncake_trace: Path) -> None:
     trace = tr.load_trace(mooncake_trace)

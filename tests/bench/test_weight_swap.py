@@ -25,6 +25,8 @@ KEYS = (
 
 
 def test_weight_swap_json(tmp_path: Path) -> None:
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "mine.txt").write_text("not the benchmark's")
     cmd = [sys.executable, "-m", "bench.weight_swap", "--json", "--model-bytes", "8MiB"]
     cmd += ["--hidden", "256", "--repeats", "1", "--work-dir", str(tmp_path / "w")]
     cmd += ["--chart", str(tmp_path / "c.png"), "--settle", "0", "--no-drop-caches"]
@@ -52,7 +54,7 @@ def test_weight_swap_json(tmp_path: Path) -> None:
     assert (tmp_path / "c.png").stat().st_size > 1000
     assert "swap A->B" in out.stderr
     # A given work dir keeps what was there; the run's own files are gone.
-    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["mine.txt"]
 
 
 def _args(**kw: object) -> argparse.Namespace:

@@ -106,9 +106,12 @@ def test_block_nbytes_matches_namespace() -> None:
 
 def test_empty_id_list_is_a_no_op() -> None:
     c = make_cache("vllm_gpu", torch.bfloat16)
-    out = torch.empty(0, dtype=torch.uint8)
+    before = [as_bytes(t) for t in c.caches]
+    out = torch.full((16,), POISON, dtype=torch.uint8)
     gather_blocks(c.caches, "vllm_gpu", torch.tensor([], dtype=torch.int64), out)
-    scatter_blocks(c.caches, "vllm_gpu", [], out)
+    assert set(as_bytes(out)) == {POISON}  # nothing gathered
+    scatter_blocks(c.caches, "vllm_gpu", [], torch.zeros(16, dtype=torch.uint8))
+    assert [as_bytes(t) for t in c.caches] == before  # nothing scattered
 
 
 # ------------------------------------------------------------------ bad input

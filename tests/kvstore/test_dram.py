@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
+from pathlib import Path
 
 import pytest
 
@@ -87,5 +89,26 @@ def test_cxl_tier_binds_to_numa_node(tmp_path: object) -> None:
     )
     try:
         assert t.stats()["numa_node"] == 0 and t.kind == "cxl"
+        assert _numa_policy(t.arena.mm) == "bind:0"  # the kernel's policy for the arena
     finally:
         t.close()
+    d = DramTier("dram", 1 << 20, slab_bytes=1 << 16)
+    try:
+        assert _numa_policy(d.arena.mm) == "default"  # a plain DRAM tier binds nothing
+    finally:
+        d.close()
+
+
+def _numa_policy(mm: mmap.mmap) -> str:
+    """The memory policy /proc/self/numa_maps shows for the mapping ``mm``."""
+    maps = Path("/proc/self/numa_maps")
+    if not maps.exists():
+        pytest.skip("no /proc/self/numa_maps (a kernel without NUMA support)")
+    buf = (ctypes.c_char * 1).from_buffer(mm)
+    addr = ctypes.addressof(buf)
+    del buf
+    for line in maps.read_text().splitlines():
+        start, policy = line.split()[:2]
+        if int(start, 16) == addr:
+            return policy
+    raise AssertionError("mapping not found in /proc/self/numa_maps")

@@ -39,8 +39,10 @@ def test_tail_first_single_tier(policy: str) -> None:
     a = chain(1, 3)
     put(h, a)
     b = chain(2, 3)
-    put(h, b)  # needs 2 evictions from chain a: its tail, never its head first
+    # Needs 2 evictions from chain a: its tail, never its head first.
+    assert put(h, b) == [Status.NEW] * 3
     cached = h.lookup(a)
+    assert len(cached) == 1
     for k in a[len(cached) :]:
         assert h.get(k) is None
     # Every cached block's parent is cached.

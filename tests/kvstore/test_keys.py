@@ -41,8 +41,17 @@ def test_keys_identical_across_hash_seeds(algo: str) -> None:
 
 def test_known_vector() -> None:
     # Pinned so that a change of encoding (which would orphan every stored block) is noticed.
-    assert NS.block_keys(TOKENS)[0].hex()[:16] == block_key(NS.digest(), TOKENS[:16]).hex()[:16]
-    assert len(NS.digest()) == KEY_BYTES
+    digest = "f050e10c1b070c978581a99c3294d465fa8a12fe6a7f3f2f19bdd17b159669e7"
+    assert NS.digest().hex() == digest and len(NS.digest()) == KEY_BYTES
+    keys = NS.block_keys(TOKENS)
+    assert keys[0].hex() == "07885e549f7e4ff8a94af100f826a61655da6bbb7db5a34492592b7db131978d"
+    assert keys[3].hex() == "0677a9865eef7faaa74a3784f07cf802c7b7c443f72058c0fb4c22d3eccbfd0e"
+    assert block_key(bytes.fromhex(digest), TOKENS[:16]) == keys[0]
+    xxh = Namespace("llama", num_layers=4, num_kv_heads=2, head_dim=64, block_tokens=16,
+                    hash_algo="xxh3_128")  # fmt: skip
+    assert xxh.block_keys(TOKENS)[0].hex() == (
+        "9a800a03f53776059eded3d9cc0c2b19b8a983f7c4a5b0fbc222266b4d561ee2"
+    )
 
 
 def test_chain_and_prefix_property() -> None:

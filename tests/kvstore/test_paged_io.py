@@ -271,10 +271,12 @@ def test_against_the_real_daemon(daemon) -> None:  # type: ignore[no-untyped-def
         with c.load_tokens(ns, tokens) as lease:  # the engine-level verb sees the same bytes
             assert lease.arrays[0].tobytes() == reference_block(src, 9)
         assert load_into_paged(c, ns, dst.caches, [1, 2, 3, 5, 6], tokens, "vllm_gpu") == 80
+        assert c.stats()["sessions"]["pins"] == 0  # load_into_paged released every pin
     for s, d in zip([9, 0, 4, 2, 7], [1, 2, 3, 5, 6], strict=True):
         assert reference_block(dst, d) == reference_block(src, s)
     with Client(daemon.socket) as c2:  # another session: nothing left pinned
-        assert c2.stats()
+        st = c2.stats()["sessions"]
+        assert st["pins"] == 0 and st["pending_allocations"] == 0
 
 
 # ---------------------------------------------------------------- on a GPU

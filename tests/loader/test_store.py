@@ -45,6 +45,10 @@ def test_add_folder_of_shards_and_index(store: ModelStore, tmp_path: Path) -> No
     write_model(d / "model-00002-of-00002.safetensors", b)
     m = store.add("folder", d)
     assert {t.name for t in m.tensors} == set(ts)
+    data = store.data_path(m).read_bytes()
+    for t in m.tensors:  # each shard's bytes made it into the one data file
+        ref = ts[t.name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        assert data[t.offset : t.offset + t.nbytes] == ref, t.name
     wmap = {k: "model-00001-of-00002.safetensors" for k in a}
     wmap |= {k: "model-00002-of-00002.safetensors" for k in b}
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wmap}))

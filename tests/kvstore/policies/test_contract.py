@@ -155,7 +155,7 @@ def test_pinned_chain_is_never_named(name: str) -> None:
     _, got = h.acquire(a)
     b = NS.block_keys(list(range(1000, 1000 + 4 * 3)))
     st, _ = h.allocate(1, NS.digest(), B, None, b)
-    assert st == [Status.NEW, Status.NEW, Status.NO_SPACE] or Status.NO_SPACE in st
+    assert st == [Status.NO_SPACE] * 3  # room for 2 of 3 blocks: all or nothing
     assert all(h.get(k) is not None for k in a)
     h.release([e for e in got if e is not None])
 
