@@ -115,8 +115,10 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "known:" in capsys.readouterr().err
     assert tr.main(["--trace", str(path), "--nvme-admission", "nope"]) == 2
     assert tr.main(["--trace", str(tmp_path / "missing")]) == 2
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as ei:
         tr.main(["--trace", str(path), "--capacity-fraction", "2"])
+    assert ei.value.code == 2  # argparse's usage error
+    assert "capacity-fraction" in capsys.readouterr().err
 
 
 def test_sweep_draws_chart(tmp_path: Path, synth: list[list[int]]) -> None:

@@ -173,7 +173,12 @@ def test_load_caps_at_the_number_of_block_ids() -> None:
     tokens = list(range(3 * kv.block_tokens))
     c = FakeClient()
     store_from_paged(c, ns, src.caches, [0, 1, 2], tokens, "vllm_gpu")
-    assert load_into_paged(c, ns, src.caches, [5], tokens, "vllm_gpu") == kv.block_tokens
+    dst = make_cache("vllm_gpu", torch.bfloat16)
+    untouched = [reference_block(dst, b) for b in range(dst.num_blocks) if b != 5]
+    assert load_into_paged(c, ns, dst.caches, [5], tokens, "vllm_gpu") == kv.block_tokens
+    # The first block's bytes, into the one page given; no other page written.
+    assert reference_block(dst, 5) == reference_block(src, 0)
+    assert [reference_block(dst, b) for b in range(dst.num_blocks) if b != 5] == untouched
 
 
 def test_failed_gather_aborts_the_slots() -> None:
