@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -348,17 +351,60 @@ def test_missing_or_unusable_directory_names_the_path(tmp_path: Path) -> None:
         NvmeTier.from_config(cfg, tmp_path)
 
 
+_OPEN_WITHOUT_OVERRIDE = """
+import sys
+from pathlib import Path
+from kvstore.tiers.nvme import NvmeDirError, NvmeOptions, NvmeTier
+try:
+    NvmeTier("nvme", 1 << 30, Path(sys.argv[1]), NvmeOptions()).close()
+except NvmeDirError as exc:
+    print("NvmeDirError:", exc)
+    sys.exit(3)
+"""
+
+
 def test_unwritable_directory(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        d = tmp_path / "ro"
+        d.mkdir()
+        d.chmod(0o500)
+        try:
+            with pytest.raises(NvmeDirError, match=f"{d} is not writable"):
+                open_tier(d)
+        finally:
+            d.chmod(0o700)
+        return
+    # Root writes through permission bits by its capability CAP_DAC_OVERRIDE: open the
+    # tier in a child that runs without it (dropped from its bounding set before exec).
     d = tmp_path / "ro"
     d.mkdir()
-    d.chmod(0o500)
+    d.chmod(0o555)
+    root = Path(__file__).resolve().parents[3]
     try:
-        if os.access(d, os.W_OK):
-            pytest.skip("running as root: permission bits do not stop writes")
-        with pytest.raises(NvmeDirError, match=f"{d} is not writable"):
-            open_tier(d)
+        r = subprocess.run(
+            [sys.executable, "-c", _OPEN_WITHOUT_OVERRIDE, str(d)],
+            preexec_fn=_drop_dac_override,
+            env={**os.environ, "PYTHONPATH": str(root)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.SubprocessError as exc:  # prctl refused (no CAP_SETPCAP here)
+        pytest.skip(f"cannot drop CAP_DAC_OVERRIDE in a child: {exc}")
     finally:
-        d.chmod(0o700)
+        d.chmod(0o755)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert f"{d} is not writable" in r.stdout
+    assert not any(d.iterdir())  # nothing was created there
+
+
+def _drop_dac_override() -> None:
+    """In a forked child before exec: drop CAP_DAC_OVERRIDE (1) and CAP_DAC_READ_SEARCH
+    (2) from the bounding set, so root's exec'd process lacks them."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
 def test_directory_in_use_by_another_tier(tmp_path: Path) -> None:
