@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -304,11 +305,12 @@ def test_block_failing_its_checksum_is_a_miss_and_recomputed() -> None:
     a, b = _paged(seed=1), _paged(seed=2)
     save_blocks(c, ns, a, _transfer(tokens, 0, [0, 1, 2, 3]))
     c.corrupt.add(ns.block_keys(tokens)[1])
-    before = [t[12].clone() for t in b.layers]
+    before = [t[12:15].clone() for t in b.layers]
     res = load_blocks(c, ns, b, _transfer(tokens, 0, [11, 12, 13, 14]))
     # block 0 loaded; the bad block and every later one are reported, none is copied
     assert res.loaded == 1 and res.failed_block_ids == (12, 13, 14)
-    assert all(torch.equal(x, y[12]) for x, y in zip(before, b.layers, strict=True))
+    assert all(torch.equal(x[0], y[11]) for x, y in zip(a.layers, b.layers, strict=True))
+    assert all(torch.equal(x, y[12:15]) for x, y in zip(before, b.layers, strict=True))
     assert c.pins == {}
 
 
@@ -390,9 +392,15 @@ def test_link_factory_failure_is_quiet() -> None:
 def test_counters_dump(tmp_path: Path) -> None:
     c = ConnectorCounters(loaded_blocks=3)
     c.dump(str(tmp_path / "s"), "worker")
+    c.loaded_blocks = 5
     c.dump(None, "worker")  # off: nothing written
+    c.dump("", "worker")
     got = read_counters(tmp_path / "s")
-    assert list(got.values())[0]["loaded_blocks"] == 3
+    assert list(got) == [f"worker-{os.getpid()}"]
+    assert got[f"worker-{os.getpid()}"]["loaded_blocks"] == 3
+    c.dump(str(tmp_path / "s"), "worker")  # the same file, replaced whole; no temp left
+    assert read_counters(tmp_path / "s")[f"worker-{os.getpid()}"]["loaded_blocks"] == 5
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [f"worker-{os.getpid()}.json"]
 
 
 def test_importing_kvstore_does_not_import_vllm() -> None:
