@@ -10,7 +10,9 @@ Life of a block (the handle is a :class:`Slot`, which compaction may move):
    bounded pool -- waiting for one when all are in flight -- places the extent at the
    end of the active segment and hands the ``pwritev`` to an I/O thread.  When the
    segment files exceed their bound (turnover faster than compaction) it first
-   waits for compaction (``CompactionMixin.disk_limit``).
+   waits for compaction (``CompactionMixin.disk_limit``).  With ``compression`` on,
+   the I/O thread places the extent instead, once it has encoded the block and
+   knows its stored size (:mod:`~kvstore.tiers.nvme_codec`).
 3. The committer thread batches finished writes: ``fdatasync`` of their segments,
    then one LMDB transaction that points the index at them.  The index never names
    bytes that are not durable, so after ``kill -9`` every indexed block reads back
@@ -43,6 +45,7 @@ import xxhash
 
 from kvstore.config import ConfigError, TierConfig
 from kvstore.tiers.base import TIERS, ChecksumMismatch, RecoveredBlock, Tier, TierIOError
+from kvstore.tiers.nvme_codec import CodecMixin
 from kvstore.tiers.nvme_compact import CompactionMixin
 from kvstore.tiers.nvme_index import DeleteIf, NvmeIndexError, Op, Put
 from kvstore.tiers.nvme_io import IOBackend, StagingPool, align_up, make_backend
@@ -60,8 +63,9 @@ log = logging.getLogger(__name__)
 __all__ = ["NvmeDirError", "NvmeOptions", "NvmeTier", "Slot"]
 
 
+# CodecMixin first: its methods override the stubs the other mixins declare.
 @TIERS.register("nvme")
-class NvmeTier(BatchReadMixin, CompactionMixin, StartupMixin, Tier):
+class NvmeTier(CodecMixin, BatchReadMixin, CompactionMixin, StartupMixin, Tier):
     """Blocks in segment files on a local disk, indexed in LMDB; survives restarts.
 
     Args:
@@ -120,7 +124,8 @@ class NvmeTier(BatchReadMixin, CompactionMixin, StartupMixin, Tier):
                 "writes write_bytes write_requests reads read_bytes read_requests reads_from_staging read_many_calls "
                 "checksum_failures io_errors fsyncs index_txns compactions compacted_bytes "
                 "compaction_waits compaction_wait_ms "
-                "segments_deleted recovered_blocks recovered_dropped orphan_bytes_reclaimed"
+                "segments_deleted recovered_blocks recovered_dropped orphan_bytes_reclaimed "
+                "compressed_writes compress_fallbacks compressed_reads"
             ).split(),
             0,
         )
@@ -219,7 +224,7 @@ class NvmeTier(BatchReadMixin, CompactionMixin, StartupMixin, Tier):
             if st == SlotState.FREED:
                 raise ValueError(f"nvme tier {self.name!r}: double free of {s.key.hex()[:16]}")
             s.state = SlotState.FREED
-            self._used -= s.length
+            self._used -= align_up(s.nbytes)  # reserved raw size; s.length may be smaller
             seg = s.seg
             if seg is not None:
                 seg.kill(s)
@@ -246,6 +251,14 @@ class NvmeTier(BatchReadMixin, CompactionMixin, StartupMixin, Tier):
         mv.release()
         s.ns, s.depth, s.checksum = entry.ns, entry.depth, entry.checksum
         s.parent = entry.parent.key if entry.parent is not None else None
+        if self.opts.compression != "off":  # placed by a writer thread, once encoded
+            with self._lock:
+                s.staging, s.state, s.pending = buf, SlotState.WRITING, True
+                self._pending += 1
+            with self._wq_cv:
+                self._wq.append(s)
+                self._wq_cv.notify()
+            return
         try:
             with self._lock:
                 seg, off = self.segs.place(s.length)
@@ -277,14 +290,17 @@ class NvmeTier(BatchReadMixin, CompactionMixin, StartupMixin, Tier):
                     return
                 run = [self._wq.popleft()]
                 size = run[0].length
+                encode = self.opts.compression != "off"  # extents not placed yet
                 while self._wq and size < self.opts.max_write_bytes:
                     nxt, last = self._wq[0], run[-1]
-                    if nxt.seg is not last.seg or nxt.off != last.off + last.length:
+                    if not encode and (
+                        nxt.seg is not last.seg or nxt.off != last.off + last.length
+                    ):
                         break
                     run.append(self._wq.popleft())
                     size += nxt.length
             try:
-                self._write_run(run)
+                self._write_encoded(run) if encode else self._write_run(run)
             except Exception as exc:  # noqa: BLE001 - a bug here must not hang flush()
                 log.exception("nvme tier %r: write of %d blocks crashed", self.name, len(run))
                 for s in run:
@@ -294,7 +310,9 @@ class NvmeTier(BatchReadMixin, CompactionMixin, StartupMixin, Tier):
                         self.staging.release(buf)
                 self._fail_slots([s for s in run if s.pending], f"write crashed: {exc!r}")
 
-    def _write_run(self, run: list[Slot]) -> None:
+    def _write_run(self, run: list[Slot], parts: list[memoryview | None] | None = None) -> None:
+        """Writes a run of placed extents in one request: the staging buffers, or where
+        ``parts`` has a view (an encoded extent, checksum already taken), that view."""
         bufs = [s.staging for s in run]
         views = [memoryview(b) for b in bufs if b is not None]
         assert len(views) == len(run) and run[0].seg is not None
@@ -303,9 +321,11 @@ class NvmeTier(BatchReadMixin, CompactionMixin, StartupMixin, Tier):
             for s, mv in zip(run, views, strict=True):
                 if not s.checksum:
                     s.checksum = xxhash.xxh3_64_intdigest(mv[: s.nbytes])
-            self.io.pwritev(
-                run[0].seg.f, [mv[: s.length] for s, mv in zip(run, views, strict=True)], run[0].off
-            )
+            iov = [
+                p if p is not None else mv[: s.length]
+                for s, mv, p in zip(run, views, parts or [None] * len(run), strict=True)
+            ]
+            self.io.pwritev(run[0].seg.f, iov, run[0].off)
         except OSError as exc:
             err = str(exc)
         finally:
@@ -468,21 +488,34 @@ class NvmeTier(BatchReadMixin, CompactionMixin, StartupMixin, Tier):
                 raise TierIOError(f"nvme tier {self.name!r}: block lost: {s.why}")
             if st not in (SlotState.WRITTEN, SlotState.DURABLE) or s.seg is None:
                 raise ValueError(f"nvme tier {self.name!r}: read of a slot in state {st.name}")
-            seg, off = s.seg, s.off
+            seg, off, codec = s.seg, s.off, s.codec
             seg.readers += 1
+        # A compressed extent is read into this thread's bounce buffer, then decoded.
+        ext = memoryview(self.io.bounce(s.length))[: s.length] if codec else None
         try:
-            self.io.read_extent(seg.f, off, s.length, dst)
-            with self._lock:
-                self.counters["read_requests"] += 1
-        except OSError as exc:
-            with self._lock:
-                self.counters["io_errors"] += 1
-            raise TierIOError(f"nvme tier {self.name!r}: read of {seg.path}@{off}: {exc}") from exc
+            try:
+                if ext is not None:
+                    self.io.pread(seg.f, ext, off)
+                else:
+                    self.io.read_extent(seg.f, off, s.length, dst)
+                with self._lock:
+                    self.counters["read_requests"] += 1
+            except OSError as exc:
+                with self._lock:
+                    self.counters["io_errors"] += 1
+                msg = f"nvme tier {self.name!r}: read of {seg.path}@{off}: {exc}"
+                raise TierIOError(msg) from exc
+            finally:
+                with self._lock:
+                    seg.readers -= 1
+                    self.segs.maybe_close(seg)
+            if ext is None:
+                bad = self._verify(s, entry, dst, seg, off)
+            else:
+                bad = self._decode_verify(s, entry, ext, dst, seg, off)
         finally:
-            with self._lock:
-                seg.readers -= 1
-                self.segs.maybe_close(seg)
-        bad = self._verify(s, entry, dst, seg, off)
+            if ext is not None:
+                ext.release()
         if bad is not None:
             try:
                 raise bad
@@ -525,6 +558,7 @@ class NvmeTier(BatchReadMixin, CompactionMixin, StartupMixin, Tier):
                 staging_bytes=self.opts.staging_bytes,
                 staging_in_use_bytes=self.staging.in_use_bytes,
                 staging_waits=self.staging.waits,
+                **self.codec_stats(),
                 **self.segs.stats(),
                 **self.counters,
             )

@@ -14,6 +14,9 @@ from typing import Any
 from kvstore.config import ConfigError, parse_size
 from kvstore.tiers.nvme_io import ALIGN
 
+COMPRESSIONS = ("off", "byteplane-zstd")
+"""Values of the ``compression`` option (codec numbers: ``kvstore.tiers.nvme_codec``)."""
+
 
 class NvmeDirError(ConfigError):
     """The tier's directory is missing, not a directory, unwritable or in use."""
@@ -50,6 +53,13 @@ class NvmeOptions:
             Off: only a file cut short is caught.
         read_delay_ms: for tests only: every ``read_many`` sleeps this long first (a
             slow disk, deterministically).
+        compression: ``"off"`` (default: every block stored raw, as before the codec
+            existed) or ``"byteplane-zstd"`` (16-bit values split into byte planes, the
+            high plane zstd-compressed, per block only where that saves a 4 KiB page;
+            see :mod:`kvstore.tiers.nvme_codec`).  Off by default: on a fast disk and a
+            few cores, decoding costs more read time than the smaller extents save.
+        compression_level: zstd level for ``byteplane-zstd`` (1..19; 1 is the fastest
+            and, on bf16 exponent planes, compresses about as well as 3).
     """
 
     segment_bytes: int = 256 << 20
@@ -67,6 +77,8 @@ class NvmeOptions:
     index_map_bytes: int = 4 << 30
     index_check: bool = True
     read_delay_ms: float = 0.0
+    compression: str = "off"
+    compression_level: int = 1
 
     @classmethod
     def known(cls) -> list[str]:
@@ -117,6 +129,16 @@ class NvmeOptions:
                 if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 10_000:
                     raise ConfigError(f"{f}: expected milliseconds in 0..10000, got {v!r}")
                 setattr(o, k, float(v))
+            elif k == "compression":
+                if v not in COMPRESSIONS:
+                    raise ConfigError(
+                        f"{f}: expected one of {', '.join(map(repr, COMPRESSIONS))}, got {v!r}"
+                    )
+                o.compression = v
+            elif k == "compression_level":
+                if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 19:
+                    raise ConfigError(f"{f}: expected an integer in 1..19, got {v!r}")
+                o.compression_level = v
             elif k in ("background_compaction", "create_dir", "index_check"):
                 if not isinstance(v, bool):
                     raise ConfigError(f"{f}: expected true or false, got {v!r}")
@@ -138,6 +160,16 @@ class NvmeOptions:
             raise ConfigError(f"{where}.options.staging_bytes: must be >= 4 KiB")
         if self.index_map_bytes < (1 << 20):
             raise ConfigError(f"{where}.options.index_map_bytes: must be >= 1 MiB")
+        if self.compression not in COMPRESSIONS:
+            known = ", ".join(map(repr, COMPRESSIONS))
+            raise ConfigError(
+                f"{where}.options.compression: expected one of {known}, got {self.compression!r}"
+            )
+        if not 1 <= self.compression_level <= 19:
+            raise ConfigError(
+                f"{where}.options.compression_level: expected an integer in 1..19, "
+                f"got {self.compression_level!r}"
+            )
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)

@@ -4,8 +4,10 @@
 (Acquire, Prefetch).  Blocks that lie back to back on disk and whose destination
 buffers are page-aligned whole pages (the DRAM arena's slots are) are read with one
 ``preadv`` per run of up to ``read_run_bytes``; the rest one by one; all on the
-tier's read threads.  Every block is verified against its checksum on its own, so
-one bad block in a run fails alone.
+tier's read threads.  Compressed blocks (codec 1) join runs whatever their buffers:
+their extents are read into the thread's bounce buffer in the same request and
+decoded into the destination there.  Every block is verified against its checksum
+on its own, so one bad block in a run fails alone.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ class BatchReadMixin:
     ) -> ChecksumMismatch | None:
         raise NotImplementedError
 
+    def _decode_verify(
+        self, s: Slot, entry: BlockEntry, ext: memoryview, dst: memoryview, seg: Segment, off: int
+    ) -> ChecksumMismatch | None:
+        raise NotImplementedError
+
     def _try_read(self, s: Slot, entry: BlockEntry, dst: memoryview) -> Exception | None:
         try:
             self.read_into(s, entry, dst)
@@ -67,26 +74,50 @@ class BatchReadMixin:
                 pos += s.length
             if ok and seg is not None:
                 seg.readers += 1
+            codecs = [s.codec for s, _, _ in run]
         if not ok or seg is None:
             return [self._try_read(*it) for it in run]
+        # Compressed extents land in this thread's bounce buffer, the rest in place.
+        nb = sum(s.length for (s, _, _), c in zip(run, codecs, strict=True) if c)
+        bounce = memoryview(self.io.bounce(nb))[:nb] if nb else None
+        exts: list[memoryview | None] = []
+        bpos = 0
+        for (s, _, _), c in zip(run, codecs, strict=True):
+            if c and bounce is not None:
+                exts.append(bounce[bpos : bpos + s.length])
+                bpos += s.length
+            else:
+                exts.append(None)
         try:
-            self.io.preadv(seg.f, [d for _, _, d in run], off)
-        except OSError as exc:
-            with self._lock:
-                self.counters["io_errors"] += len(run)
-            msg = f"nvme tier {self.name!r}: read of {seg.path}@{off}: {exc}"
-            return [TierIOError(msg) for _ in run]
+            iov = [d if x is None else x for (_, _, d), x in zip(run, exts, strict=True)]
+            try:
+                self.io.preadv(seg.f, iov, off)
+            except OSError as exc:
+                with self._lock:
+                    self.counters["io_errors"] += len(run)
+                msg = f"nvme tier {self.name!r}: read of {seg.path}@{off}: {exc}"
+                return [TierIOError(msg) for _ in run]
+            finally:
+                del iov
+                with self._lock:
+                    seg.readers -= 1
+                    self.segs.maybe_close(seg)
+                    self.counters["read_requests"] += 1
+            out: list[Exception | None] = []
+            pos = off
+            for (s, e, d), x in zip(run, exts, strict=True):
+                if x is None:
+                    out.append(self._verify(s, e, d, seg, pos))
+                else:
+                    out.append(self._decode_verify(s, e, x, d, seg, pos))
+                pos += s.length
+            return out
         finally:
-            with self._lock:
-                seg.readers -= 1
-                self.segs.maybe_close(seg)
-                self.counters["read_requests"] += 1
-        out: list[Exception | None] = []
-        pos = off
-        for s, e, d in run:
-            out.append(self._verify(s, e, d, seg, pos))
-            pos += s.length
-        return out
+            for x in exts:
+                if x is not None:
+                    x.release()
+            if bounce is not None:
+                bounce.release()
 
     def read_many(
         self, items: Sequence[tuple[Slot, BlockEntry, memoryview]]
@@ -107,10 +138,11 @@ class BatchReadMixin:
             self.counters["read_many_calls"] += 1
             # Where each block is now (compaction may move them; _read_run re-checks).
             where = [(s.seg, s.off) for s, _, _ in items]
+            packed = [s.codec != 0 for s, _, _ in items]
         direct: list[int] = []
         jobs: list[list[int]] = []
         for i, (s, _, d) in enumerate(items):
-            if where[i][0] is not None and len(d) == s.length and is_aligned(d):
+            if where[i][0] is not None and (packed[i] or (len(d) == s.length and is_aligned(d))):
                 direct.append(i)
             else:
                 jobs.append([i])

@@ -59,13 +59,13 @@ class Slot:
 
     def __init__(self, key: bytes, length: int, nbytes: int) -> None:
         self.key = key
-        self.length = length
+        self.length = length  # the extent on disk: align_up(nbytes), smaller when compressed
         self.nbytes = nbytes
         self.state = SlotState.RESERVED
         self.seg: Segment | None = None
         self.off = 0
-        self.checksum = 0
-        self.codec = 0
+        self.checksum = 0  # xxh3-64 of the block's logical bytes, whatever the codec
+        self.codec = 0  # how the extent is stored (kvstore.tiers.nvme_codec)
         self.ns = b""
         self.parent: bytes | None = None
         self.depth = 0
@@ -109,6 +109,9 @@ class Segment:
         "retired",
         "dir_synced",
         "slots",
+        "zblocks",
+        "zbytes",
+        "zdisk",
     )
 
     def __init__(self, seg_id: int, path: Path, f: Any, file_bytes: int) -> None:
@@ -125,16 +128,25 @@ class Segment:
         self.retired = False
         self.dir_synced = True
         self.slots: set[Slot] = set()
+        self.zblocks = self.zbytes = self.zdisk = 0  # live compressed blocks (codec != 0)
 
     def add(self, s: Slot) -> None:
         self.slots.add(s)
         self.live += s.length
+        if s.codec:
+            self.zblocks += 1
+            self.zbytes += s.nbytes
+            self.zdisk += s.length
 
     def kill(self, s: Slot) -> None:
         """``s``'s extent here became garbage (freed, failed or moved away)."""
         self.slots.discard(s)
         self.live -= s.length
         self.dead += s.length
+        if s.codec:
+            self.zblocks -= 1
+            self.zbytes -= s.nbytes
+            self.zdisk -= s.length
 
     def dead_ratio(self) -> float:
         return self.dead / self.size if self.size else 0.0
@@ -267,6 +279,9 @@ class SegmentSet:
             "disk_bytes": sum(s.size for s in segs),
             "live_bytes": sum(s.live for s in segs),
             "dead_bytes": sum(s.dead for s in segs),
+            "compressed_blocks": sum(s.zblocks for s in segs),
+            "compressed_bytes": sum(s.zbytes for s in segs),
+            "compressed_disk_bytes": sum(s.zdisk for s in segs),
         }
 
     def close(self) -> None:

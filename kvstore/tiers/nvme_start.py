@@ -21,6 +21,7 @@ from pathlib import Path
 
 import lmdb
 
+from kvstore.tiers.nvme_codec import CODEC_BYTEPLANE_ZSTD, CODEC_RAW
 from kvstore.tiers.nvme_index import Index, Record
 from kvstore.tiers.nvme_index_check import IndexDamaged, check_index, set_aside
 from kvstore.tiers.nvme_io import ALIGN, align_up
@@ -28,6 +29,18 @@ from kvstore.tiers.nvme_options import NvmeOptions, probe_write
 from kvstore.tiers.nvme_segments import SegmentSet, Slot, SlotState
 
 log = logging.getLogger("kvstore.tiers.nvme")
+
+
+def _length_ok(rec: Record) -> bool:
+    """A raw extent is the block's aligned size; a compressed one (codec 1) is a
+    4 KiB multiple at least a page shorter.  An unknown codec (a newer build's) is
+    dropped like a record naming no data: its bytes cannot be checked here."""
+    if rec.codec == CODEC_RAW:
+        return rec.length == align_up(rec.nbytes)
+    if rec.codec == CODEC_BYTEPLANE_ZSTD:
+        raw = align_up(rec.nbytes)
+        return rec.nbytes % 2 == 0 and 0 < rec.length <= raw - ALIGN and not rec.length % ALIGN
+    return False
 
 
 def human(n: float) -> str:
@@ -106,7 +119,7 @@ class StartupMixin:
             if (
                 seg is None
                 or rec.off % ALIGN
-                or rec.length != align_up(rec.nbytes)
+                or not _length_ok(rec)
                 or rec.off + rec.length > seg.file_bytes
             ):
                 bad.append(key)
@@ -115,9 +128,8 @@ class StartupMixin:
             s.state = SlotState.DURABLE
             s.seg, s.off, s.checksum, s.codec = seg, rec.off, rec.checksum, rec.codec
             s.ns, s.parent, s.depth = rec.ns, rec.parent, rec.depth
-            seg.slots.add(s)
-            seg.live += rec.length
-            self._used += rec.length
+            seg.add(s)
+            self._used += align_up(rec.nbytes)  # capacity counts the raw size
             slots.append(s)
         if bad:
             log.warning(

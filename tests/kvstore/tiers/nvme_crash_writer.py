@@ -1,6 +1,7 @@
 """A process that writes heavily through an NVMe tier until it is killed (crash tests).
 
-Run as ``python -m tests.kvstore.tiers.nvme_crash_writer DIR ROUND``.  It prints, one
+Run as ``python -m tests.kvstore.tiers.nvme_crash_writer DIR ROUND [zstd]`` (``zstd``:
+compression on, bf16-like blocks).  It prints, one
 flushed line each: ``R n`` (blocks recovered at start), ``F key`` just before freeing
 a block (after it the block may or may not survive a crash), and ``D key...`` after
 ``flush()`` returns (those blocks must survive).
@@ -12,13 +13,18 @@ import random
 import sys
 from pathlib import Path
 
-from .nvme_util import key_of, open_tier, put
+from .nvme_util import bf16_for, data_for, key_of, open_tier, put
 
 
 def main() -> None:
     path, rnd = Path(sys.argv[1]), int(sys.argv[2])
     rng = random.Random(rnd)
-    t = open_tier(path, capacity=48 << 20, staging_bytes=512 << 10, compact_min_dead_ratio=0.3)
+    zstd = sys.argv[3:] == ["zstd"]
+    codec = {"compression": "byteplane-zstd"} if zstd else {}
+    data_fn = bf16_for if zstd else data_for
+    t = open_tier(
+        path, capacity=48 << 20, staging_bytes=512 << 10, compact_min_dead_ratio=0.3, **codec
+    )
     live = {rb.key: rb.handle for rb in t.recover()}
     print(f"R {len(live)} {t.stats()['recovered_dropped']}", flush=True)
     pending: list[bytes] = []
@@ -33,7 +39,7 @@ def main() -> None:
                 pending.remove(k)
         k = key_of(i, salt=rnd)
         i += 1
-        h, _, _ = put(t, k, nbytes)
+        h, _, _ = put(t, k, nbytes, data_fn=data_fn)
         live[k] = h
         pending.append(k)
         if i % 8 == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,14 @@ def key_of(i: int, salt: int = 0) -> bytes:
 def data_for(key: bytes, nbytes: int) -> bytes:
     """Deterministic bytes of a key, so a reader can tell right bytes from wrong."""
     return np.random.default_rng(int.from_bytes(key[:8], "little")).bytes(nbytes)
+
+
+def bf16_for(key: bytes, nbytes: int) -> bytes:
+    """Deterministic bf16-like bytes of a key (normal values: the compression codec
+    stores them in ~1/1.46 of the space); an odd ``nbytes`` drops the last byte."""
+    rng = np.random.default_rng(int.from_bytes(key[:8], "little"))
+    f = rng.standard_normal((nbytes + 1) // 2, dtype=np.float32)
+    return (f.view(np.uint32) >> 16).astype(np.uint16).tobytes()[:nbytes]
 
 
 def entry(
@@ -44,8 +53,14 @@ def open_tier(path: Path, capacity: int = 256 << 20, **opts: Any) -> NvmeTier:
     return NvmeTier("nvme", capacity, path, NvmeOptions(**o))
 
 
-def put(t: NvmeTier, key: bytes, nbytes: int, checksum: int = 0) -> tuple[Any, BlockEntry, bytes]:
-    data = data_for(key, nbytes)
+def put(
+    t: NvmeTier,
+    key: bytes,
+    nbytes: int,
+    checksum: int = 0,
+    data_fn: Callable[[bytes, int], bytes] = data_for,
+) -> tuple[Any, BlockEntry, bytes]:
+    data = data_fn(key, nbytes)
     e = entry(key, nbytes, checksum)
     h = t.reserve(nbytes, e)
     assert h is not None

@@ -20,11 +20,12 @@ import pytest
 from kvstore.hierarchy import Hierarchy, Level, Status
 from kvstore.tiers.base import ChecksumMismatch, TierIOError
 from kvstore.tiers.nvme import NvmeTier
+from kvstore.tiers.nvme_io import align_up
 from kvstore.tiers.nvme_segments import SlotState
 from tests.conftest import mounted_tmpfs
 
 from .memtier import MemTier
-from .nvme_util import NS, data_for, entry, key_of, open_tier, put, read
+from .nvme_util import NS, bf16_for, data_for, entry, key_of, open_tier, put, read
 
 KB = 1024
 REPO = Path(__file__).resolve().parents[3]
@@ -33,7 +34,7 @@ REPO = Path(__file__).resolve().parents[3]
 # ---------------------------------------------------------------- kill -9
 
 
-def _kill_rounds(path: Path, rounds: int, seed: int) -> None:
+def _kill_rounds(path: Path, rounds: int, seed: int, zstd: bool = False) -> None:
     rng = random.Random(seed)
     must: set[bytes] = set()
     wrote = 0
@@ -47,6 +48,7 @@ def _kill_rounds(path: Path, rounds: int, seed: int) -> None:
                     "tests.kvstore.tiers.nvme_crash_writer",
                     str(path),
                     str(rnd),
+                    *(["zstd"] if zstd else []),
                 ],
                 cwd=REPO,
                 stdout=subprocess.PIPE,
@@ -77,11 +79,11 @@ def _kill_rounds(path: Path, rounds: int, seed: int) -> None:
                 wrote += len(ks)
             elif line.startswith("F "):
                 must.discard(bytes.fromhex(line[2:]))
-        _check_consistent(path, must)
+        _check_consistent(path, must, zstd)
     assert wrote > 0, "the writer never got to flush: the test proved nothing"
 
 
-def _check_consistent(path: Path, must: set[bytes]) -> None:
+def _check_consistent(path: Path, must: set[bytes], zstd: bool = False) -> None:
     t = open_tier(path, background_compaction=False)
     try:
         found = {rb.key: rb for rb in t.recover()}
@@ -89,12 +91,17 @@ def _check_consistent(path: Path, must: set[bytes]) -> None:
         assert not missing, f"{len(missing)} flushed blocks lost"
         for k, rb in found.items():
             # read_into verifies the checksum; compare with the true bytes too.
-            assert read(t, rb.handle, entry(k, rb.nbytes, rb.checksum)) == data_for(k, rb.nbytes)
+            want = (bf16_for if zstd else data_for)(k, rb.nbytes)
+            assert read(t, rb.handle, entry(k, rb.nbytes, rb.checksum)) == want
         st = t.stats()
+        if zstd:  # the crash test covered compressed blocks
+            assert st["compressed_blocks"] > 0 or not found
         assert t.index.count() == len(found)
-        assert (
-            st["live_bytes"] == st["used_bytes"] == sum(rb.handle.length for rb in found.values())
-        )
+        # Disk: the stored extents; capacity: each block's raw aligned size.
+        assert st["live_bytes"] == sum(rb.handle.length for rb in found.values())
+        assert st["used_bytes"] == sum(align_up(rb.nbytes) for rb in found.values())
+        if not zstd:
+            assert st["live_bytes"] == st["used_bytes"]
         files = list((path / "segments").glob("seg-*.dat"))
         assert len(files) == st["segments"]
         assert sum(f.stat().st_size for f in files) == st["disk_bytes"]
@@ -107,6 +114,10 @@ def _check_consistent(path: Path, must: set[bytes]) -> None:
 
 def test_sigkill_while_writing_repeatedly(tmp_path: Path) -> None:
     _kill_rounds(tmp_path / "t", rounds=3, seed=1)
+
+
+def test_sigkill_while_writing_compressed(tmp_path: Path) -> None:
+    _kill_rounds(tmp_path / "t", rounds=2, seed=3, zstd=True)
 
 
 @pytest.mark.slow
