@@ -57,6 +57,7 @@ Configuration (TOML, --config FILE); flags override the file.  Every field:
   options = { path = "/mnt/nvme/kvstore" }
 
   cxl options: numa_node (required), slab_bytes, prefault.
+  nvme options: path, compression ("off" | "byteplane-zstd"), ... (docs/nvme.md).
 
   [models]                 # model-weight store (`kvstore models add NAME PATH`)
   dram_budget = 0          # bytes of DRAM for resident models; 0 = 1/4 of available
@@ -259,6 +260,13 @@ def format_stats(st: dict[str, Any]) -> str:
         if "io_backend" in t:
             lines.append(
                 f"{'':<11} io backend {t['io_backend']}, O_DIRECT {t['o_direct']}, path {t['path']}"
+            )
+        if t.get("compression", "off") != "off" or t.get("compressed_blocks"):
+            zb, zd = t["compressed_bytes"], t["compressed_disk_bytes"]
+            lines.append(
+                f"{'':<11} compression {t['compression']} (level {t['compression_level']}): "
+                f"{t['compressed_blocks']} blocks, {_mib(zb)} stored in {_mib(zd)} "
+                f"(ratio {zb / zd if zd else 0:.2f}), {t['compress_fallbacks']} stored raw"
             )
     lines.append(
         f"promotions {c['promotions']}  demotions {c['demotions']}  dropped {c['dropped']}  "

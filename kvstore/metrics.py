@@ -56,9 +56,29 @@ class DaemonCollector(Collector):
             blocks.add_metric([name], len(lv.policy))
             degraded.add_metric([name], 1.0 if lv.tier.degraded else 0.0)
         yield from (hits, ev, used, cap, blocks, degraded)
+        yield from self._compression()
         yield GaugeMetricFamily(
             "kvstore_sessions", "Open sessions", value=len(self.d.sessions.sessions)
         )
+
+    def _compression(self) -> Iterator[Any]:
+        """The NVMe codec's effect: live compressed blocks, their logical and disk bytes."""
+        zb = GaugeMetricFamily(
+            "kvstore_tier_compressed_blocks", "Live blocks stored compressed", labels=["tier"]
+        )
+        zs = GaugeMetricFamily(
+            "kvstore_tier_compressed_bytes",
+            "Live compressed blocks: their logical size and the disk they take",
+            labels=["tier", "size"],
+        )
+        for lv in self.d.h.levels:
+            if lv.tier.kind != "nvme":
+                continue
+            st = lv.tier.stats()
+            zb.add_metric([lv.tier.name], st["compressed_blocks"])
+            zs.add_metric([lv.tier.name, "logical"], st["compressed_bytes"])
+            zs.add_metric([lv.tier.name, "disk"], st["compressed_disk_bytes"])
+        yield from (zb, zs)
 
 
 def start_metrics_server(daemon: Daemon, host: str, port: int) -> Any:

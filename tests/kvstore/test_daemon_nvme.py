@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import signal
 import time
+import urllib.request
 
 import numpy as np
 
 from kvstore import Client
+from kvstore.keys import Namespace
 from tests.kvstore.conftest import DaemonProc
 from tests.kvstore.helpers import NS, blocks_for, content, popen_client
+from tests.kvstore.test_metrics import _free_port
 
 # NS blocks are 8 KiB; 1 MiB of DRAM holds 128 of them, NVMe 16 MiB holds 2048.
 TWO_TIER = """
@@ -117,3 +120,53 @@ def test_sigkill_during_heavy_demotion(make_daemon: type[DaemonProc]) -> None:
             _check_all_served(c, written)
             nv = st["tiers"][1]
             assert nv["used_bytes"] <= nv["capacity_bytes"]
+
+
+# 64 KiB bf16 blocks: 1 MiB of DRAM holds 16 of them.
+BF16 = Namespace("bf16-model", num_layers=2, num_kv_heads=2, head_dim=128, block_tokens=32)
+
+
+def _bf16_block(key: bytes) -> np.ndarray:
+    """bf16-like bytes of ``key`` (normal values: their exponent plane compresses)."""
+    rng = np.random.default_rng(int.from_bytes(key[:8], "little"))
+    f = rng.standard_normal(BF16.block_nbytes // 2, dtype=np.float32)
+    return (f.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+
+
+def test_compression_through_the_daemon_config(make_daemon: type[DaemonProc]) -> None:
+    port = _free_port()
+    cfg = f"[server]\nmetrics_port = {port}\n" + TWO_TIER.replace(
+        'options = { segment_bytes = "1MiB" }',
+        'options = { segment_bytes = "1MiB", compression = "byteplane-zstd" }',
+    )
+    d = make_daemon(cfg).start()
+    seqs = [np.arange(i * 1000, i * 1000 + 32 * 4) for i in range(8)]  # 32 blocks, 2x DRAM
+
+    def check(c: Client) -> int:
+        served = 0
+        for s in seqs:
+            with c.load_tokens(BF16, s) as lease:
+                for k, a in zip(lease.keys, lease.arrays, strict=True):
+                    assert np.array_equal(a, _bf16_block(k)), k.hex()
+                served += len(lease.keys)
+        return served
+
+    with Client(d.socket) as c:
+        for s in seqs:
+            c.store_tokens(BF16, s, [_bf16_block(k) for k in BF16.block_keys(s)])
+        assert c.stats()["counters"]["demotions"] > 0
+        assert check(c) == 32
+        nv = c.stats()["tiers"][1]
+        assert nv["compression"] == "byteplane-zstd" and nv["compressed_blocks"] > 0
+        assert nv["compressed_disk_bytes"] < nv["compressed_bytes"] and nv["compressed_reads"] > 0
+        assert nv["checksum_failures"] == 0
+        from kvstore.cli import format_stats
+
+        assert "compression byteplane-zstd (level 1)" in format_stats(c.stats())
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        assert 'kvstore_tier_compressed_bytes{size="disk",tier="nvme"}' in body.decode()
+    assert d.stop() == 0
+    d.start()
+    with Client(d.socket) as c:
+        assert c.stats()["tiers"][1]["compressed_blocks"] > 0  # recovered from the index
+        assert check(c) > 0
