@@ -10,7 +10,13 @@ order, so the noise of a shared disk falls on all of them alike.  The page cache
 dropped before the reads (``/proc/sys/vm/drop_caches`` as root, and
 ``posix_fadvise(DONTNEED)`` on every file).
 
-Run: ``python -m bench.nvme_tier [--quick] [--json] [--dir PATH]``.
+With ``--compression byteplane-zstd`` the tier compresses (codec 1) and the blocks are
+bf16-like (normal values rounded to bf16, whose exponent plane compresses; ``--data``
+overrides): throughput stays in logical bytes (the block sizes), the ratio of logical
+to stored bytes is reported, and so are single-thread encode and decode rates.  Run
+it with and without to see whether compression makes promotions faster on a disk.
+
+Run: ``python -m bench.nvme_tier [--quick] [--json] [--dir PATH] [--compression byteplane-zstd]``.
 """
 
 from __future__ import annotations
@@ -28,10 +34,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import xxhash
+import zstandard
 
 from kvstore.entry import BlockEntry
 from kvstore.tiers.nvme import NvmeOptions, NvmeTier
+from kvstore.tiers.nvme_codec import decode_into, encode_into
 
 BLOCK = 2 << 20
 RAW_REQ = 4 << 20  # smallest raw request; one stream uses up to MAX_RAW_REQ
@@ -106,6 +115,36 @@ class RawFile:
         os.close(self.fd)
 
 
+def block_data(kind: str, seed: int) -> bytes:
+    """One block: random bytes, or bf16 values of a normal distribution (round to nearest
+    even from float32), like the K/V activations a cache holds."""
+    if kind == "random":
+        return os.urandom(BLOCK)
+    f = np.random.default_rng(seed).standard_normal(BLOCK // 2, dtype=np.float32).view(np.uint32)
+    bf = ((f + 0x7FFF + ((f >> 16) & 1)) >> 16).astype(np.uint16)
+    return bf.tobytes()
+
+
+def codec_gbps(data: bytes, level: int, reps: int = 8) -> tuple[float, float, float]:
+    """Single-thread (encode GB/s, decode GB/s, ratio) of codec 1 on one block, in logical
+    bytes; the ratio is 1.0 when the block would be stored raw."""
+    out = _aligned(BLOCK)
+    cctx = zstandard.ZstdCompressor(level=level)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        n = encode_into(memoryview(data), BLOCK, memoryview(out), cctx)
+    enc = reps * BLOCK / (time.perf_counter() - t0) / GB
+    if not n:
+        return enc, 0.0, 1.0
+    dst, planes, dctx = bytearray(BLOCK), np.empty(BLOCK, np.uint8), zstandard.ZstdDecompressor()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        decode_into(memoryview(out)[:n], BLOCK, memoryview(dst), planes, dctx)
+    dec = reps * BLOCK / (time.perf_counter() - t0) / GB
+    assert bytes(dst) == data
+    return enc, dec, BLOCK / n
+
+
 def _entry(i: int) -> BlockEntry:
     key = i.to_bytes(8, "little") * 4
     return BlockEntry(
@@ -116,10 +155,12 @@ def _entry(i: int) -> BlockEntry:
 class TierRun:
     """Demotes and promotes 2 MiB blocks through a fresh :class:`NvmeTier`."""
 
-    def __init__(self, path: Path, total: int, opts: NvmeOptions, batch: int) -> None:
+    def __init__(
+        self, path: Path, total: int, opts: NvmeOptions, batch: int, data: str = "random"
+    ) -> None:
         self.tier = NvmeTier("bench", 2 * total, path, opts)
         self.path = path
-        self.srcs = [os.urandom(BLOCK) for _ in range(4)]
+        self.srcs = [block_data(data, i) for i in range(4)]
         self.ents = [_entry(i) for i in range(total // BLOCK)]
         self.hs: list[Any] = [None] * len(self.ents)
         self.dsts = [memoryview(_aligned(BLOCK)) for _ in range(batch)]
@@ -159,8 +200,11 @@ class TierRun:
         return sorted((self.path / "segments").glob("seg-*.dat"))
 
     def close(self) -> None:
-        if self.tier.stats()["checksum_failures"]:
+        st = self.tier.stats()
+        if st["checksum_failures"]:
             raise RuntimeError("checksum failures in the benchmark")
+        # Logical bytes per byte on disk, over every block written.
+        self.ratio = st["write_bytes"] / st["live_bytes"] if st["live_bytes"] else 0.0
         self.tier.close()
 
 
@@ -175,7 +219,13 @@ def xxh3_gbps(nbytes: int = 256 << 20) -> float:
 
 
 def one_round(
-    base: Path, total: int, chunk: int, streams: list[int], opts: NvmeOptions, global_drop: bool
+    base: Path,
+    total: int,
+    chunk: int,
+    streams: list[int],
+    opts: NvmeOptions,
+    global_drop: bool,
+    data: str = "random",
 ) -> tuple[dict[str, float], str]:
     """GB/s of raw (1 and each of ``streams`` streams) and tier, writes then reads.
 
@@ -186,7 +236,7 @@ def one_round(
         f"raw{n}": RawFile(base / f"raw{n}.dat", n, min(MAX_RAW_REQ, chunk // n))
         for n in sorted({1, *streams})
     }
-    runs["tier"] = tier = TierRun(base / "tier", total, opts, batch=32)
+    runs["tier"] = tier = TierRun(base / "tier", total, opts, batch=32, data=data)
     names = list(runs)
     wt = dict.fromkeys(names, 0.0)
     rt = dict.fromkeys(names, 0.0)
@@ -209,6 +259,7 @@ def one_round(
         "write_gbps": g / wt.pop("tier"),
         "read_gbps": g / rt.pop("tier"),
         "xxh3_gbps": xxh3_gbps(),
+        "compression_ratio": tier.ratio,
     }
     row["raw_write_gbps"] = max(g / v for v in wt.values())
     row["raw_read_gbps"] = max(g / v for v in rt.values())
@@ -235,10 +286,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="store_true",
         help="only fadvise the benchmark's own files (spare a shared machine's page cache)",
     )
+    ap.add_argument(
+        "--compression",
+        choices=["off", "byteplane-zstd"],
+        default="off",
+        help="the tier's compression option (default off)",
+    )
+    ap.add_argument("--compression-level", type=int, default=1, help="zstd level (1..19)")
+    ap.add_argument(
+        "--data",
+        choices=["auto", "random", "bf16"],
+        default="auto",
+        help="block contents (auto: bf16-like when compressing, else random)",
+    )
     args = ap.parse_args(argv)
     gd = not args.no_global_drop
     total = (args.total_mib << 20) or ((512 << 20) if args.quick else (4 << 30))
-    opts = NvmeOptions(background_compaction=False)
+    data = args.data if args.data != "auto" else ("random" if args.compression == "off" else "bf16")
+    opts = NvmeOptions(
+        background_compaction=False,
+        compression=args.compression,
+        compression_level=args.compression_level,
+    )
+    opts.validate("--compression")
     streams = sorted({opts.io_threads, opts.read_threads})
     chunk = min(total, 32 << 20)
     if total % chunk or chunk % (max(streams) * RAW_REQ):
@@ -254,19 +324,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for rnd in range(rounds):
             rdir = base / f"round{rnd}"
             rdir.mkdir()
-            row, how = one_round(rdir, total, chunk, streams, opts, gd)
+            row, how = one_round(rdir, total, chunk, streams, opts, gd, data)
             shutil.rmtree(rdir, ignore_errors=True)
             rows.append(row)
             log(
                 f"round {rnd + 1}/{rounds}: tier write {row['write_gbps']:.2f} GB/s "
                 f"(raw {row['raw_write_gbps']:.2f}), read {row['read_gbps']:.2f} GB/s "
-                f"(raw {row['raw_read_gbps']:.2f})"
+                f"(raw {row['raw_read_gbps']:.2f}), stored ratio {row['compression_ratio']:.2f}"
             )
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
     def med(k: str) -> float:
         return statistics.median(x[k] for x in rows)
+
+    enc, dec, cratio = codec_gbps(block_data(data, 0), args.compression_level)
 
     out: dict[str, Any] = {
         "block_bytes": BLOCK,
@@ -287,12 +359,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             statistics.median(x["write_gbps"] / x["raw_write_gbps"] for x in rows), 3
         ),
         "xxh3_gbps": round(med("xxh3_gbps"), 3),
+        "compression": args.compression,
+        "compression_level": args.compression_level,
+        "data": data,
+        "compression_ratio": round(med("compression_ratio"), 3),
+        "codec_encode_gbps_1thread": round(enc, 3),
+        "codec_decode_gbps_1thread": round(dec, 3),
+        "codec_block_ratio": round(cratio, 3),
         "per_round": [{k: round(v, 3) for k, v in x.items()} for x in rows],
     }
     if args.json:
         print(json.dumps(out))
     else:
         print(f"page cache: {how}")
+        print(
+            f"compression {args.compression} (level {args.compression_level}), data {data}: "
+            f"logical/stored {out['compression_ratio']:.2f}; codec on one thread: encode "
+            f"{enc:.2f} GB/s, decode {dec:.2f} GB/s (one block: ratio {cratio:.2f})"
+        )
         print(f"{'':10}{'tier GB/s':>11}{'raw GB/s':>10}{'ratio':>8}")
         for k in ("write", "read"):
             print(

@@ -40,3 +40,33 @@ def test_bench_small_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 def test_bench_rejects_bad_size(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         nvme_tier.main(["--total-mib", "3", "--dir", str(tmp_path)])
+
+
+def test_bench_with_compression(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = nvme_tier.main(
+        [
+            "--json",
+            "--total-mib",
+            "32",
+            "--dir",
+            str(tmp_path),
+            "--rounds",
+            "1",
+            "--no-global-drop",
+            "--compression",
+            "byteplane-zstd",
+        ]
+    )
+    assert json.loads(capsys.readouterr().out) == out
+    assert (out["compression"], out["data"]) == ("byteplane-zstd", "bf16")
+    assert 1.2 < out["compression_ratio"] < 2  # bf16: ~1.4x (the exponent plane only)
+    assert out["codec_block_ratio"] > 1.2
+    assert out["codec_encode_gbps_1thread"] > 0 and out["codec_decode_gbps_1thread"] > 0
+    assert out["read_gbps"] > 0 and out["write_gbps"] > 0
+    # Off, the same bf16 blocks are stored raw.
+    off = nvme_tier.main(
+        ["--json", "--total-mib", "32", "--dir", str(tmp_path), "--rounds", "1"]
+        + ["--no-global-drop", "--data", "bf16"]
+    )
+    assert off["compression_ratio"] == pytest.approx(1.0)
+    assert list(tmp_path.iterdir()) == []
