@@ -105,6 +105,7 @@ class ResidencyManager:
         # or asked for: a daemon that never serves weights holds no memory for them.
         self._arena: ModelArena | None = None
         self._arena_lock = threading.Lock()
+        self._lock = threading.Lock()  # also the arena's allocator lock
         if store.list_models():
             self._make_arena()
         self.pipeline = ReadPipeline(
@@ -126,7 +127,6 @@ class ResidencyManager:
         self._failed: collections.OrderedDict[int, Resident] = collections.OrderedDict()
         # session id -> (time.monotonic() deadline of its parked pins, client pid)
         self._parked: dict[int, tuple[float, int]] = {}
-        self._lock = threading.Lock()
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="loader-load")
         self._closed = False
 
@@ -134,7 +134,7 @@ class ResidencyManager:
         with self._arena_lock:
             if self._arena is None:
                 c = self.config
-                self._arena = ModelArena(c.shm_dir, c.dram_budget, c.prefault)
+                self._arena = ModelArena(c.shm_dir, c.dram_budget, c.prefault, self._lock)
             return self._arena
 
     @property
@@ -482,6 +482,7 @@ class ResidencyManager:
                 "prefaulted": a.prefaulted if a is not None else 0,
                 "prefault_soaked": a.soaked if a is not None else 0,
                 "prefault_seconds": round(a.prefault_seconds, 3) if a is not None else 0.0,
+                "prefault_retries": a.refaults if a is not None else 0,
                 # Physically contiguous runs per 4 MiB of the arena (mean of samples;
                 # -1: unknown, not root). Direct reads split requests above 254.
                 "arena_runs_per_4mib": (

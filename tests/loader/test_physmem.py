@@ -196,3 +196,101 @@ def test_soak_limit_is_every_small_block_up_to_a_quarter_of_available(
     assert soak_limit(256 << 20) == 4 << 30
     VM.available = 8 << 20
     assert soak_limit(8 << 20) == 2 << 20
+
+
+def _scattered_then(monkeypatch: pytest.MonkeyPatch, later: int) -> list[int]:
+    """contiguous_runs reports a scattered arena first, then ``later``; returns the calls."""
+    import loader.arena as arena_mod
+
+    calls: list[int] = []
+
+    def runs(buf: mmap.mmap) -> int:
+        calls.append(len(buf))
+        return arena_mod.SCATTERED_RUNS * 4 if len(calls) == 1 else later
+
+    monkeypatch.setattr(arena_mod, "contiguous_runs", runs)
+    return calls
+
+
+def test_scattered_unused_arena_is_faulted_in_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import loader.arena as arena_mod
+
+    calls: list[int] = []
+
+    def runs(buf: mmap.mmap) -> int:
+        calls.append(len(buf))
+        if len(calls) == 1:  # mark every page: the give-back must drop them all
+            for p in range(0, len(buf), PAGE):
+                buf[p] = 0xA5
+            return arena_mod.SCATTERED_RUNS * 4
+        return 6
+
+    monkeypatch.setattr(arena_mod, "contiguous_runs", runs)
+    arena = ModelArena(str(tmp_path), 16 << 20, prefault=True)
+    try:
+        assert arena.wait_prefaulted(60)
+        assert len(calls) == 2 and arena.refaults == 1
+        assert arena.runs_per_4mib == 6
+        assert arena.prefaulted == arena.size
+        assert _mapped_rss(arena.path) == arena.size  # every page faulted in again
+        v = arena.view(0, arena.size)
+        try:
+            assert not any(v[::PAGE])  # the marked pages were given back: fresh zeros
+        finally:
+            v.release()
+    finally:
+        arena.close()
+
+
+def test_refault_is_tried_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import loader.arena as arena_mod
+
+    calls = _scattered_then(monkeypatch, later=arena_mod.SCATTERED_RUNS * 4)
+    arena = ModelArena(str(tmp_path), 8 << 20, prefault=True)
+    try:
+        assert arena.wait_prefaulted(60)
+        assert len(calls) == 2 and arena.refaults == 1
+        assert arena.runs_per_4mib == arena_mod.SCATTERED_RUNS * 4  # reported as it is
+    finally:
+        arena.close()
+
+
+def test_arena_in_use_is_never_given_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A load that got an extent before the check keeps its bytes: no second pass."""
+    import threading
+
+    import loader.arena as arena_mod
+
+    lock = threading.Lock()
+    box: list[ModelArena] = []
+    ready = threading.Event()
+    calls: list[int] = []
+
+    def runs(buf: mmap.mmap) -> int:
+        ready.wait(10)
+        a = box[0]
+        with lock:  # a load, as the residency manager does it: under its lock
+            off = a.allocator.alloc(1 << 20)
+        assert off is not None
+        v = a.view(off, 1 << 20)
+        v[:] = b"\x5a" * (1 << 20)
+        v.release()
+        calls.append(off)
+        return arena_mod.SCATTERED_RUNS * 4
+
+    monkeypatch.setattr(arena_mod, "contiguous_runs", runs)
+    arena = ModelArena(str(tmp_path), 8 << 20, prefault=True, alloc_lock=lock)
+    box.append(arena)
+    ready.set()
+    try:
+        assert arena.wait_prefaulted(60)
+        assert len(calls) == 1 and arena.refaults == 0
+        v = arena.view(calls[0], 1 << 20)
+        try:
+            assert bytes(v) == b"\x5a" * (1 << 20)
+        finally:
+            v.release()
+    finally:
+        arena.close()
