@@ -156,7 +156,8 @@ def daemon(
 ) -> Iterator[str]:
     """A Models daemon in its own process, ready once its arena is pre-faulted; yields
     its socket.  ``info`` (if given) gets ``arena_runs_per_4mib`` from its ready line:
-    the arena's physically contiguous runs per 4 MiB (-1: unknown, not root)."""
+    the arena's physically contiguous runs per 4 MiB (-1: unknown, not root), and
+    ``prefault_retries``: how often a scattered arena was faulted in again."""
     sock_dir = Path(tempfile.mkdtemp(prefix="kvws", dir="/tmp"))  # short: socket path limit
     sock = str(sock_dir / "models.sock")
     cmd = [sys.executable, "-m", "loader.service", "--data-dir", str(data_dir)]
@@ -170,6 +171,7 @@ def daemon(
         if info is not None:
             fields = dict(f.split("=", 1) for f in line.split()[2:] if "=" in f)
             info["arena_runs_per_4mib"] = int(fields.get("arena_runs_per_4mib", -1))
+            info["prefault_retries"] = int(fields.get("prefault_retries", 0))
         yield sock
     finally:
         proc.terminate()

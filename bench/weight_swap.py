@@ -268,6 +268,7 @@ def _run(args: argparse.Namespace, work: Path, model_bytes: int) -> dict[str, An
     ):
         res["prefault_s"] = time.perf_counter() - t0
         res["arena_runs_per_4mib"] = info["arena_runs_per_4mib"]
+        res["arena_prefault_retries"] = info.get("prefault_retries", 0)
         stub = client._stub(sock)
         steps = (repeats + 1) * (4 + 2 * len(RAW_KINDS) + len(peers))
         bar = tqdm(total=steps, desc="weight-swap", unit="step", file=LOG)
@@ -460,7 +461,8 @@ def table(res: dict[str, Any]) -> str:
         f"model: {gb:.2f} GB, {res['num_tensors']} tensors, {res['repeats']} repeat(s) "
         "after one unrecorded warm-up round; "
         f"cache drop: {res['cache_drop']}; the daemon's arena: "
-        + (f"{r} contiguous runs per 4 MiB" if (r := res["arena_runs_per_4mib"]) > 0 else "?"),
+        + (f"{r} contiguous runs per 4 MiB" if (r := res["arena_runs_per_4mib"]) > 0 else "?")
+        + (f" (faulted in again {n}x)" if (n := res.get("arena_prefault_retries", 0)) else ""),
         f"{'what':<38} {'GB/s':>7} {'spread':>11}  note",
         "-" * 72,
     ]

@@ -285,6 +285,7 @@ def format_stats(st: dict[str, Any]) -> str:
                 if (runs := m.get("arena_runs_per_4mib", -1)) > 0
                 else ""
             )
+            + (f" (faulted in again {n}x)" if (n := m.get("prefault_retries", 0)) else "")
         )
     return "\n".join(lines)
 

@@ -348,8 +348,9 @@ async def _serve(args: argparse.Namespace) -> None:
     if args.wait_prefault and _servicer is not None:
         await asyncio.to_thread(_servicer.manager.wait_ready)
     # The arena's contiguity once pre-faulted (-1: unknown), for the benchmarks.
-    runs = _servicer.manager.stats()["arena_runs_per_4mib"] if _servicer is not None else -1
-    print(f"ready {args.socket} arena_runs_per_4mib={runs}", flush=True)
+    st = _servicer.manager.stats() if _servicer is not None else {}
+    runs, again = st.get("arena_runs_per_4mib", -1), st.get("prefault_retries", 0)
+    print(f"ready {args.socket} arena_runs_per_4mib={runs} prefault_retries={again}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
